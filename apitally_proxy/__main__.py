@@ -1,0 +1,3 @@
+from apitally_proxy.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,133 @@
+"""The admin server: health, Prometheus metrics and a status page."""
+
+from __future__ import annotations
+
+import html
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+StatusFn = Callable[[], dict[str, Any]]
+
+
+class _ProxyCollector(Collector):
+    """Reads the proxy's plain counters at scrape time, so the hot path only adds ints."""
+
+    def __init__(self, status: StatusFn) -> None:
+        self._status = status
+
+    def collect(self) -> Iterator[Any]:
+        s = self._status()
+        by_status = CounterMetricFamily(
+            "apitally_proxy_requests", "Requests proxied, by status", labels=["status"]
+        )
+        for code, n in sorted(s["requests_by_status"].items()):
+            by_status.add_metric([str(code)], n)
+        yield by_status
+        errors = CounterMetricFamily(
+            "apitally_proxy_upstream_errors", "Upstream failures, by kind", labels=["kind"]
+        )
+        for kind, n in sorted(s["upstream_errors"].items()):
+            errors.add_metric([kind], n)
+        yield errors
+        yield CounterMetricFamily(
+            "apitally_proxy_upstream_retries", "Requests retried on a stale pooled connection",
+            value=s["upstream_retries"],
+        )
+        yield CounterMetricFamily(
+            "apitally_proxy_unmatched_requests", "Requests matching no known route (not metered)",
+            value=s["unmatched"],
+        )
+        yield CounterMetricFamily(
+            "apitally_proxy_route_overflow", "Requests counted in the overflow route bucket",
+            value=s["route_overflow"],
+        )
+        yield CounterMetricFamily(
+            "apitally_proxy_consumer_overflow", "Requests whose consumer exceeded the cap",
+            value=s["consumer_overflow"],
+        )
+        yield GaugeMetricFamily(
+            "apitally_proxy_in_flight", "Requests being proxied now", value=s["in_flight"]
+        )
+        hub = s["hub"]
+        yield GaugeMetricFamily(
+            "apitally_proxy_hub_queue", "Sync payloads waiting for delivery", value=hub["queued"]
+        )
+        yield CounterMetricFamily(
+            "apitally_proxy_hub_payloads_sent", "Payloads accepted", value=hub["sent"]
+        )
+        dropped = CounterMetricFamily(
+            "apitally_proxy_hub_payloads_dropped", "Payloads dropped", labels=["reason"]
+        )
+        dropped.add_metric(["rejected"], hub["dropped_rejected"])
+        dropped.add_metric(["expired"], hub["dropped_expired"])
+        yield dropped
+        yield GaugeMetricFamily(
+            "apitally_proxy_hub_ok", "1 when the last hub exchange succeeded", value=int(hub["ok"])
+        )
+
+
+def build_admin_app(status: StatusFn, ready: Callable[[], bool]) -> web.Application:
+    """The admin application; `status` returns the live state as a dict."""
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(_ProxyCollector(status))
+
+    async def health(request: web.Request) -> web.Response:
+        s = status()
+        is_ready = ready()
+        body = {
+            "status": "ok" if is_ready else "draining",
+            "ready": is_ready,
+            "mode": s["hub"]["mode"],
+            "hub_ok": s["hub"]["ok"],
+            "hub_problem": s["hub"]["problem"],
+        }
+        return web.Response(
+            body=orjson.dumps(body),
+            status=200 if is_ready else 503,
+            content_type="application/json",
+        )
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(registry), headers={"Content-Type": "text/plain; version=0.0.4"}
+        )
+
+    async def status_json(request: web.Request) -> web.Response:
+        return web.Response(
+            body=orjson.dumps(status(), option=orjson.OPT_NON_STR_KEYS | orjson.OPT_INDENT_2),
+            content_type="application/json",
+        )
+
+    async def status_page(request: web.Request) -> web.Response:
+        s = status()
+        rows = "".join(
+            f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+            for k, v in s.items()
+            if k != "recent_payloads"
+        )
+        recent = "".join(
+            f"<pre>{html.escape(orjson.dumps(p, option=orjson.OPT_INDENT_2).decode())}</pre>"
+            for p in reversed(s.get("recent_payloads", []))
+        )
+        page = (
+            "<!doctype html><title>apitally-proxy status</title>"
+            f"<h1>apitally-proxy</h1><p>{time.strftime('%Y-%m-%d %H:%M:%S')}</p>"
+            f"<table>{rows}</table><h2>Recent payloads</h2>{recent or '<p>none yet</p>'}"
+        )
+        return web.Response(text=page, content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/healthz", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/status", status_page)
+    app.router.add_get("/status.json", status_json)
+    app.router.add_get("/", status_page)
+    return app

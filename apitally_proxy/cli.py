@@ -1,0 +1,143 @@
+"""Command line: parse flags, build settings, run one worker or supervise several."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from apitally_proxy import __version__
+from apitally_proxy.config import ConfigError, Settings, load_settings
+
+log = logging.getLogger("apitally_proxy")
+
+_BOOL_FIELDS = {"request_logging"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="apitally-proxy",
+        description="Sidecar reverse proxy that meters API traffic for Apitally.",
+        epilog="Every flag has an environment variable (shown in brackets); CLI beats env beats "
+        "the --config TOML file beats defaults.",
+    )
+    for name, field in Settings.model_fields.items():
+        extra = field.json_schema_extra or {}
+        flag = extra.get("flag")  # type: ignore[union-attr]
+        if not flag:
+            continue
+        help_text = f"{field.description or name} [{extra.get('env')}]"  # type: ignore[union-attr]
+        if name in _BOOL_FIELDS:
+            parser.add_argument(
+                flag,
+                dest=name,
+                nargs="?",
+                const="true",
+                default=None,
+                metavar="on|off",
+                help=help_text,
+            )
+        else:
+            parser.add_argument(flag, dest=name, default=None, help=help_text)
+    parser.add_argument("--worker-slot", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--log-level", default=os.environ.get("APITALLY_PROXY_LOG_LEVEL", "INFO"))
+    parser.add_argument("--version", action="version", version=f"apitally-proxy {__version__}")
+    return parser
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _run_worker(settings: Settings, slot: int, reuse_port: bool) -> int:
+    from apitally_proxy.server import serve
+
+    try:
+        import uvloop
+
+        runner: Any = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency; keep working without it
+        runner = asyncio.run
+    try:
+        return runner(serve(settings, slot=slot, reuse_port=reuse_port))
+    except ConfigError as exc:
+        print(f"apitally-proxy: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _supervise(argv: list[str], settings: Settings) -> int:
+    """Run `workers` child processes sharing the port (SO_REUSEPORT); forward signals."""
+    n = settings.workers
+    procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    def spawn(slot: int) -> None:
+        cmd = [sys.executable, "-m", "apitally_proxy", *argv, "--worker-slot", str(slot)]
+        procs[slot] = subprocess.Popen(cmd)
+
+    stopping = False
+
+    def forward(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for p in procs.values():
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for slot in range(n):
+        spawn(slot)
+    started = time.monotonic()
+    exit_code = 0
+    while procs:
+        time.sleep(0.2)
+        for slot, p in list(procs.items()):
+            code = p.poll()
+            if code is None:
+                continue
+            del procs[slot]
+            if stopping:
+                exit_code = max(exit_code, code)
+            elif code == 2 or time.monotonic() - started < 2:
+                # A worker that cannot start is a config problem: stop everything.
+                log.error("worker %d exited with %d at start-up; stopping", slot, code)
+                forward(signal.SIGTERM, None)
+                exit_code = code or 1
+            else:
+                log.error("worker %d exited with %d; restarting it", slot, code)
+                spawn(slot)
+    return exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.log_level)
+    cli_values = {
+        k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None
+    }
+    try:
+        settings = load_settings(cli_values)
+    except ConfigError as exc:
+        print(f"apitally-proxy: error: {exc}", file=sys.stderr)
+        return 2
+    if args.worker_slot is not None:
+        return _run_worker(settings, args.worker_slot, reuse_port=True)
+    if settings.workers > 1:
+        return _supervise(argv, settings)
+    return _run_worker(settings, 0, reuse_port=False)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

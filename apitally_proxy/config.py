@@ -1,0 +1,425 @@
+"""The settings model: every knob of the proxy, validated in one place.
+
+Precedence is CLI > environment > TOML config file > defaults. Each field names
+its environment variable and CLI flag, so error messages can tell the user
+exactly which setting to fix.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_HUB_URL = "https://hub.apitally.io"
+ENV_PATTERN = re.compile(r"^[\w-]{1,32}$")
+FRAMEWORKS = ("starlette", "fastapi", "flask", "litestar", "fastify")
+CLIENT_TAGS = {
+    "starlette": "python:starlette",
+    "fastapi": "python:fastapi",
+    "flask": "python:flask",
+    "litestar": "python:litestar",
+    "fastify": "js:fastify",
+}
+
+
+class ConfigError(Exception):
+    """A setting the proxy cannot run with; the message names the setting and the fix."""
+
+
+def _setting(default: Any = ..., *, env: str | None = None, flag: str | None = None, **kw: Any):
+    extra = {"env": env, "flag": flag}
+    return Field(default, json_schema_extra=extra, **kw)
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """Where requests go: a TCP base URL or a unix socket path."""
+
+    scheme: str  # "http", "https" or "unix"
+    host: str
+    port: int
+    base_path: str  # prefix added in front of every request path, "" for none
+    socket_path: str | None = None
+
+    @property
+    def origin(self) -> str:
+        if self.socket_path is not None:
+            # aiohttp needs a URL with a host even when the socket decides where it goes.
+            return "http://localhost"
+        return f"{self.scheme}://{HostPort(self.host, self.port)}"
+
+    def __str__(self) -> str:
+        return f"unix:{self.socket_path}" if self.socket_path else self.origin + self.base_path
+
+
+def parse_host_port(value: str) -> HostPort:
+    """Parse `host:port`, `[v6]:port` or `:port` (all interfaces)."""
+    value = value.strip()
+    m = re.fullmatch(r"\[(?P<h6>[0-9a-fA-F:.]+)\]:(?P<p6>\d+)|(?P<h>[^:\[\]]*):(?P<p>\d+)", value)
+    if not m:
+        raise ValueError(f"{value!r} is not host:port (e.g. 0.0.0.0:8080 or [::1]:8080)")
+    host = m.group("h6") or m.group("h") or "0.0.0.0"
+    port = int(m.group("p6") or m.group("p"))
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range 0-65535")
+    return HostPort(host, port)
+
+
+def parse_upstream(value: str) -> Upstream:
+    """Parse `http://host:port[/prefix]`, `https://…` or `unix:/path.sock`."""
+    value = value.strip()
+    if value.startswith("unix:"):
+        path = value[len("unix:") :]
+        if path.startswith("//"):
+            path = path[2:]
+        if not path:
+            raise ValueError("unix: needs a socket path, e.g. unix:/run/app.sock")
+        return Upstream("unix", "localhost", 0, "", socket_path=path)
+    m = re.fullmatch(r"(?P<scheme>https?)://(?P<hostport>[^/?#]+)(?P<path>/[^?#]*)?", value)
+    if not m:
+        raise ValueError(
+            f"{value!r} is not an upstream URL; use http://host:port or unix:/path/to/app.sock"
+        )
+    scheme = m.group("scheme")
+    hostport = m.group("hostport")
+    if "@" in hostport:
+        raise ValueError("credentials in the upstream URL are not supported")
+    default_port = 443 if scheme == "https" else 80
+    if re.fullmatch(r"\[[0-9a-fA-F:.]+\]|[^:\[\]]+", hostport):
+        hp = parse_host_port(f"{hostport}:{default_port}")
+    else:
+        hp = parse_host_port(hostport)
+    if hp.port == 0:
+        raise ValueError("upstream port must not be 0")
+    if hp.host in ("", "0.0.0.0", "::"):
+        raise ValueError(f"{hp.host or 'an empty host'} is not an address to connect to")
+    return Upstream(scheme, hp.host, hp.port, (m.group("path") or "").rstrip("/"))
+
+
+class _EnvVarSource(PydanticBaseSettingsSource):
+    """Reads each field from the environment variable it names (no shared prefix)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: dict[str, str]):
+        super().__init__(settings_cls)
+        self._environ = environ
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        env = (field.json_schema_extra or {}).get("env")  # type: ignore[union-attr]
+        return (self._environ.get(env) if env else None), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name, field in self.settings_cls.model_fields.items():
+            value, _, _ = self.get_field_value(field, name)
+            if value is not None and value != "":
+                values[name] = value
+        return values
+
+
+class _TomlFileSource(PydanticBaseSettingsSource):
+    """Reads the TOML config file named by --config or APITALLY_PROXY_CONFIG."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: str | None):
+        super().__init__(settings_cls)
+        self._path = path
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        if not self._path:
+            return {}
+        try:
+            with open(self._path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(
+                f"config file {self._path} does not exist "
+                "(set --config / APITALLY_PROXY_CONFIG to an existing TOML file)"
+            ) from None
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {self._path} is not valid TOML: {exc}") from None
+        # Allow the settings at the top level or under a [proxy] table.
+        if isinstance(data.get("proxy"), dict):
+            data = {**{k: v for k, v in data.items() if k != "proxy"}, **data["proxy"]}
+        return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state"
+    )
+    return Path(base) / "apitally-proxy"
+
+
+class Settings(BaseSettings):
+    """Everything the proxy can be told. Field docs double as --help text."""
+
+    model_config = SettingsConfigDict(extra="forbid", validate_default=True)
+
+    upstream: str = _setting(
+        env="APITALLY_PROXY_UPSTREAM",
+        flag="--upstream",
+        description="upstream base URL: http://host:port or unix:/path.sock",
+    )
+    listen: str = _setting(
+        "0.0.0.0:8080", env="APITALLY_PROXY_LISTEN", flag="--listen", description="listen address"
+    )
+    client_id: str | None = _setting(
+        None,
+        env="APITALLY_CLIENT_ID",
+        flag="--client-id",
+        description="Apitally client id; none means local mode",
+    )
+    env: str = _setting("dev", env="APITALLY_ENV", flag="--env", description="Apitally env")
+    hub_url: str = _setting(
+        DEFAULT_HUB_URL, env="APITALLY_HUB_BASE_URL", flag="--hub-url", description="hub base URL"
+    )
+    sync_interval: float | None = _setting(
+        None,
+        env="APITALLY_PROXY_SYNC_INTERVAL",
+        flag="--sync-interval",
+        description="seconds between syncs (default: 10 s the first hour, then 60 s)",
+        gt=0,
+    )
+    workers: int = _setting(
+        1, env="APITALLY_PROXY_WORKERS", flag="--workers", description="worker processes", ge=1
+    )
+    config: str | None = _setting(
+        None, env="APITALLY_PROXY_CONFIG", flag="--config", description="TOML config file"
+    )
+    admin_listen: str | None = _setting(
+        "127.0.0.1:9099",
+        env="APITALLY_PROXY_ADMIN_LISTEN",
+        flag="--admin-listen",
+        description="admin address (health, metrics, status); 'off' disables it",
+    )
+    state_dir: Path = _setting(
+        default_state_dir(),
+        env="APITALLY_PROXY_STATE_DIR",
+        flag="--state-dir",
+        description="state directory (instance ids, spool, local-mode output)",
+    )
+    framework: Literal["auto", "none", *FRAMEWORKS] = _setting(  # type: ignore[valid-type]
+        "auto",
+        env="APITALLY_PROXY_FRAMEWORK",
+        flag="--framework",
+        description="app framework: " + ", ".join(FRAMEWORKS) + ", auto or none",
+    )
+    openapi_url: str | None = _setting(
+        None,
+        env="APITALLY_PROXY_OPENAPI_URL",
+        flag="--openapi-url",
+        description="OpenAPI document URL or file",
+    )
+    request_logging: bool = _setting(
+        False,
+        env="APITALLY_PROXY_REQUEST_LOGGING",
+        flag="--request-logging",
+        description="request logging on/off",
+    )
+    app_version: str | None = _setting(
+        None,
+        env="APITALLY_PROXY_APP_VERSION",
+        flag="--app-version",
+        description="app version reported in startup data",
+    )
+
+    # Config-file (and env) only: tuning with sensible defaults.
+    upstream_connect_timeout: float = _setting(
+        5.0, env="APITALLY_PROXY_UPSTREAM_CONNECT_TIMEOUT", gt=0
+    )
+    upstream_timeout: float = _setting(
+        60.0,
+        env="APITALLY_PROXY_UPSTREAM_TIMEOUT",
+        gt=0,
+        description="seconds to wait for upstream headers or the next body chunk (504 after)",
+    )
+    upstream_keepalive: float = _setting(
+        1.0,
+        env="APITALLY_PROXY_UPSTREAM_KEEPALIVE",
+        gt=0,
+        description="idle seconds a pooled upstream connection is kept (below gunicorn's 2 s)",
+    )
+    upstream_pool_size: int = _setting(
+        0, env="APITALLY_PROXY_UPSTREAM_POOL_SIZE", ge=0, description="0 means unlimited"
+    )
+    client_keepalive: float = _setting(75.0, env="APITALLY_PROXY_CLIENT_KEEPALIVE", gt=0)
+    shutdown_grace: float = _setting(
+        15.0,
+        env="APITALLY_PROXY_SHUTDOWN_GRACE",
+        ge=0,
+        description="seconds in-flight requests get to finish after SIGTERM",
+    )
+    trusted_proxies: list[str] = _setting(
+        [],
+        env="APITALLY_PROXY_TRUSTED_PROXIES",
+        description="peers (IPs/CIDRs) whose X-Forwarded-* headers are kept",
+    )
+    max_line_size: int = _setting(8190, ge=256)
+    max_field_size: int = _setting(8190, ge=256)
+    max_headers: int = _setting(128, ge=8)
+    max_templates_per_method: int = _setting(
+        1000, ge=1, description="distinct heuristic path templates per method before overflow"
+    )
+    max_consumers: int = _setting(10_000, ge=1)
+    hub_timeout: float = _setting(10.0, gt=0)
+    queue_max_age: float = _setting(3600.0, gt=0)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        environ = dict(os.environ)
+        cli_values = getattr(init_settings, "init_kwargs", {})
+        path = cli_values.get("config") or environ.get("APITALLY_PROXY_CONFIG")
+        return (init_settings, _EnvVarSource(settings_cls, environ), _TomlFileSource(settings_cls, path))
+
+    @field_validator("upstream")
+    @classmethod
+    def _check_upstream(cls, v: str) -> str:
+        parse_upstream(v)
+        return v
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, v: str) -> str:
+        parse_host_port(v)
+        return v
+
+    @field_validator("admin_listen")
+    @classmethod
+    def _check_admin_listen(cls, v: str | None) -> str | None:
+        if v is None or v.strip().lower() in ("", "off", "none", "false", "0"):
+            return None
+        parse_host_port(v)
+        return v
+
+    @field_validator("hub_url")
+    @classmethod
+    def _check_hub_url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/]+", v):
+            raise ValueError(f"{v!r} is not an http(s) URL")
+        return v.rstrip("/")
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split_trusted(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_trusted(cls, v: list[str]) -> list[str]:
+        for item in v:
+            ipaddress.ip_network(item, strict=False)
+        return v
+
+    @field_validator("client_id", "app_version", "openapi_url", mode="before")
+    @classmethod
+    def _blank_is_none(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v
+
+    # Derived views, so the rest of the code never re-parses strings.
+
+    @property
+    def upstream_target(self) -> Upstream:
+        return parse_upstream(self.upstream)
+
+    @property
+    def listen_address(self) -> HostPort:
+        return parse_host_port(self.listen)
+
+    @property
+    def admin_address(self) -> HostPort | None:
+        return parse_host_port(self.admin_listen) if self.admin_listen else None
+
+    @property
+    def trusted_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(p, strict=False) for p in self.trusted_proxies]
+
+    @property
+    def hub_problem(self) -> str | None:
+        """Why the hub cannot be used with these settings, or None when it can (or is off)."""
+        if self.client_id is None:
+            return None
+        try:
+            uuid.UUID(self.client_id)
+        except ValueError:
+            return (
+                f"client id {self.client_id!r} is not a UUID: set APITALLY_CLIENT_ID / "
+                "--client-id to the client id shown in the Apitally dashboard"
+            )
+        if not ENV_PATTERN.match(self.env):
+            return (
+                f"env {self.env!r} is invalid: APITALLY_ENV / --env must be 1-32 letters, "
+                "digits, '_' or '-'"
+            )
+        return None
+
+    @property
+    def hub_enabled(self) -> bool:
+        return self.client_id is not None and self.hub_problem is None
+
+    @property
+    def client_tag(self) -> str | None:
+        return CLIENT_TAGS.get(self.framework)
+
+
+def _describe(field_name: str) -> str:
+    field = Settings.model_fields.get(field_name)
+    extra = (field.json_schema_extra or {}) if field else {}
+    names = [f"`{field_name}` in the config file"]
+    if extra.get("flag"):  # type: ignore[union-attr]
+        names.insert(0, extra["flag"])  # type: ignore[index]
+    if extra.get("env"):  # type: ignore[union-attr]
+        names.insert(1 if len(names) > 1 else 0, extra["env"])  # type: ignore[index]
+    return " / ".join(names)
+
+
+def load_settings(cli_values: dict[str, Any] | None = None) -> Settings:
+    """Build the settings from CLI values, the environment and the config file.
+
+    Raises ConfigError with a one-line message naming the setting and the fix.
+    """
+    values = {k: v for k, v in (cli_values or {}).items() if v is not None}
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "settings"
+            field_name = str(err["loc"][0]) if err["loc"] else ""
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "missing":
+                msg = "is required"
+            elif err["type"] == "extra_forbidden":
+                problems.append(f"unknown setting {loc!r} in the config file; remove it")
+                continue
+            problems.append(f"{_describe(field_name)}: {msg}" if field_name else f"{loc}: {msg}")
+        raise ConfigError("; ".join(problems)) from None

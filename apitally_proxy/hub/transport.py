@@ -1,0 +1,139 @@
+"""Where payloads go: the Apitally hub over HTTP, or JSON lines on disk (local mode)."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiohttp
+import orjson
+
+log = logging.getLogger("apitally_proxy.hub")
+
+
+class Outcome(enum.Enum):
+    ACCEPTED = "accepted"  # 2xx: done with this payload
+    REJECTED = "rejected"  # 422: the hub will never take it; drop it
+    RETRY = "retry"  # 5xx, timeout, connection error: keep it queued
+    STOP = "stop"  # 404: unknown client id; stop syncing
+
+
+class Transport(Protocol):
+    async def send(self, kind: str, payload: dict[str, Any]) -> Outcome: ...
+
+    async def close(self) -> None: ...
+
+
+class HubTransport:
+    """POSTs payloads to {hub}/v2/{client_id}/{env}/{kind} with retries and backoff."""
+
+    def __init__(
+        self,
+        hub_url: str,
+        client_id: str,
+        env: str,
+        timeout: float = 10.0,
+        tries: int = 3,
+        backoff: float = 0.5,
+        user_agent: str = "apitally-proxy",
+    ) -> None:
+        self.base = f"{hub_url}/v2/{client_id}/{env}"
+        self.client_id = client_id
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._tries = tries
+        self._backoff = backoff
+        self._user_agent = user_agent
+        self._session: aiohttp.ClientSession | None = None
+        self.last_error: str | None = None
+        self.last_success: float | None = None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=self._timeout,
+                headers={"User-Agent": self._user_agent},
+                trust_env=True,  # the hub may sit behind the operator's egress proxy
+            )
+        return self._session
+
+    async def send(self, kind: str, payload: dict[str, Any]) -> Outcome:
+        body = orjson.dumps(payload)
+        url = f"{self.base}/{kind}"
+        for attempt in range(self._tries):
+            if attempt:
+                await asyncio.sleep(self._backoff * 2 ** (attempt - 1))
+            outcome = await self._post_once(url, kind, body)
+            if outcome is not Outcome.RETRY:
+                return outcome
+        return Outcome.RETRY
+
+    async def _post_once(self, url: str, kind: str, body: bytes) -> Outcome:
+        try:
+            async with self._get_session().post(
+                url, data=body, headers={"Content-Type": "application/json"}
+            ) as resp:
+                text = await resp.text(errors="replace")
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            self.last_error = f"{kind}: {type(exc).__name__}: {exc}"
+            log.warning("hub %s failed: %s", kind, self.last_error)
+            return Outcome.RETRY
+        if 200 <= status < 300:
+            self.last_error = None
+            self.last_success = time.time()
+            return Outcome.ACCEPTED
+        if status == 404:
+            self.last_error = (
+                f"hub answered 404 for client id {self.client_id}: the client id is unknown; "
+                "check APITALLY_CLIENT_ID"
+            )
+            log.error("%s (syncing stopped)", self.last_error)
+            return Outcome.STOP
+        if status == 422:
+            self.last_error = f"hub rejected the {kind} payload (422): {text[:2000]}"
+            log.warning("%s", self.last_error)
+            return Outcome.REJECTED
+        self.last_error = f"{kind}: hub answered {status}"
+        log.warning("hub %s answered %d: %s", kind, status, text[:500])
+        return Outcome.RETRY
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+class LocalTransport:
+    """Local mode: every payload becomes one JSON line under the state dir; nothing is sent."""
+
+    def __init__(self, directory: Path, name: str, max_bytes: int = 20_000_000) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / f"{name}.jsonl"
+        self._max_bytes = max_bytes
+        self.last_error: str | None = None
+        self.last_success: float | None = None
+        self.recent: list[dict[str, Any]] = []  # for the admin status page
+
+    async def send(self, kind: str, payload: dict[str, Any]) -> Outcome:
+        line = orjson.dumps({"kind": kind, "written_at": time.time(), "payload": payload}) + b"\n"
+        try:
+            if self.path.exists() and self.path.stat().st_size + len(line) > self._max_bytes:
+                os.replace(self.path, self.path.with_suffix(".jsonl.1"))
+            with open(self.path, "ab") as f:
+                f.write(line)
+        except OSError as exc:
+            self.last_error = f"writing {self.path} failed: {exc}"
+            log.warning("%s", self.last_error)
+            return Outcome.RETRY
+        self.last_error = None
+        self.last_success = time.time()
+        self.recent = [*self.recent[-19:], {"kind": kind, "payload": payload}]
+        return Outcome.ACCEPTED
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,78 @@
+"""Consumers as the app names them in its X-Apitally-Consumer* response headers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
+
+MAX_IDENTIFIER = 128
+MAX_NAME = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Consumer:
+    identifier: str
+    name: str | None = None
+    group: str | None = None
+
+
+def _clean(value: str | None, limit: int) -> str | None:
+    if value is None:
+        return None
+    if "%" in value:
+        # Non-ASCII values arrive percent-encoded UTF-8; bad sequences become U+FFFD.
+        value = unquote(value, encoding="utf-8", errors="replace")
+    value = value.strip()[:limit].strip()
+    return value or None
+
+
+def parse_consumer(
+    identifier: str | None, name: str | None = None, group: str | None = None
+) -> Consumer | None:
+    """Build a consumer from raw header values; None when there is no usable identifier."""
+    ident = _clean(identifier, MAX_IDENTIFIER)
+    if ident is None:
+        return None
+    return Consumer(ident, _clean(name, MAX_NAME), _clean(group, MAX_NAME))
+
+
+class ConsumerRegistry:
+    """Remembers consumers' names and groups; reports new or changed ones once.
+
+    Bounded: past `max_size` the oldest remembered consumers are forgotten (and
+    would be re-reported if seen again, which the hub treats as an update).
+    """
+
+    def __init__(self, max_size: int = 10_000) -> None:
+        self._known: dict[str, tuple[str | None, str | None]] = {}
+        self._updated: set[str] = set()
+        self._max_size = max_size
+
+    def add_or_update(self, consumer: Consumer) -> None:
+        if consumer.name is None and consumer.group is None:
+            return
+        ident = consumer.identifier
+        known = self._known.get(ident)
+        if known is None:
+            if len(self._known) >= self._max_size:
+                oldest = next(iter(self._known))
+                del self._known[oldest]
+                self._updated.discard(oldest)
+            self._known[ident] = (consumer.name, consumer.group)
+            self._updated.add(ident)
+            return
+        name = consumer.name if consumer.name is not None else known[0]
+        group = consumer.group if consumer.group is not None else known[1]
+        if (name, group) != known:
+            self._known[ident] = (name, group)
+            self._updated.add(ident)
+
+    def get_and_reset_updated_consumers(self) -> list[dict[str, Any]]:
+        """The `consumers` list of a sync payload: new or changed since the last call."""
+        out = []
+        for ident in self._updated:
+            name, group = self._known[ident]
+            out.append({"identifier": ident, "name": name, "group": group})
+        self._updated = set()
+        return out

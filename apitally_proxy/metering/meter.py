@@ -1,0 +1,81 @@
+"""Turns what the proxy observed into the hub's aggregates: the one call on the hot path."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from apitally_proxy.metering.consumers import ConsumerRegistry, parse_consumer
+from apitally_proxy.metering.requests import RequestCounter
+
+HEADER_CONSUMER = "x-apitally-consumer"
+HEADER_CONSUMER_NAME = "x-apitally-consumer-name"
+HEADER_CONSUMER_GROUP = "x-apitally-consumer-group"
+
+
+class Observed(Protocol):
+    """The fields of one proxied request that metering reads (see proxy.Exchange)."""
+
+    method: str
+    path: str
+    status: int
+    response_time: float
+    request_size: int
+    response_size: int
+    apitally_headers: dict[str, str] | None
+
+
+class TemplateResolver(Protocol):
+    def resolve(self, method: str, path: str) -> str | None: ...
+
+
+class Meter:
+    """Owns the aggregates for one worker; `record` is pure and synchronous."""
+
+    def __init__(self, resolver: TemplateResolver, max_consumers: int = 10_000) -> None:
+        self.resolver = resolver
+        self.requests = RequestCounter(max_consumers=max_consumers)
+        self.consumers = ConsumerRegistry(max_size=max_consumers)
+        # Lifetime figures for the admin endpoint (never reset).
+        self.recorded = 0
+        self.unmatched = 0
+        self.status_counts: dict[int, int] = {}
+
+    def record(self, ex: Observed) -> None:
+        """Count one request under (consumer, method, template, status)."""
+        self.recorded += 1
+        self.status_counts[ex.status] = self.status_counts.get(ex.status, 0) + 1
+        if ex.method == "OPTIONS":
+            return
+        template = self.resolver.resolve(ex.method, ex.path)
+        if template is None:
+            self.unmatched += 1
+            return
+        consumer_id = None
+        headers = ex.apitally_headers
+        if headers is not None:
+            consumer = parse_consumer(
+                headers.get(HEADER_CONSUMER),
+                headers.get(HEADER_CONSUMER_NAME),
+                headers.get(HEADER_CONSUMER_GROUP),
+            )
+            if consumer is not None:
+                consumer_id = consumer.identifier
+                self.consumers.add_or_update(consumer)
+        self.requests.add_request(
+            consumer_id,
+            ex.method,
+            template,
+            ex.status,
+            ex.response_time,
+            ex.request_size,
+            ex.response_size,
+        )
+
+    def get_and_reset(self) -> dict[str, Any]:
+        """The aggregate part of a sync payload; the meter starts a new interval."""
+        return {
+            "requests": self.requests.get_and_reset_requests(),
+            "validation_errors": [],
+            "server_errors": [],
+            "consumers": self.consumers.get_and_reset_updated_consumers(),
+        }

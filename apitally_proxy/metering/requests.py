@@ -1,0 +1,109 @@
+"""Request aggregates keyed by (consumer, method, path template, status code)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+RequestKey = tuple[str | None, str, str, int]
+
+
+class _Aggregate:
+    __slots__ = (
+        "count",
+        "request_size_sum",
+        "request_sizes",
+        "response_size_sum",
+        "response_sizes",
+        "response_times",
+    )
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.request_size_sum = 0
+        self.response_size_sum = 0
+        self.response_times: dict[int, int] = {}
+        self.request_sizes: dict[int, int] = {}
+        self.response_sizes: dict[int, int] = {}
+
+
+class RequestCounter:
+    """Counts requests exactly as the official Apitally clients do.
+
+    Response times go into 10 ms bins (milliseconds rounded down to 10),
+    sizes into 1 KB bins (bytes // 1000); sums keep the raw bytes.
+    Distinct consumers per interval are capped so hostile identifiers cannot
+    grow memory: past the cap a request is counted without a consumer and the
+    overflow is counted.
+    """
+
+    def __init__(self, max_consumers: int = 10_000) -> None:
+        self._aggregates: dict[RequestKey, _Aggregate] = {}
+        self._consumers: set[str] = set()
+        self._max_consumers = max_consumers
+        self.consumer_overflow = 0
+
+    def add_request(
+        self,
+        consumer: str | None,
+        method: str,
+        path: str,
+        status_code: int,
+        response_time: float,
+        request_size: int | None = None,
+        response_size: int | None = None,
+    ) -> None:
+        """Record one request; response_time in seconds, sizes in bytes (None = unknown)."""
+        method = method.upper()
+        if method == "OPTIONS":
+            return
+        if consumer is not None and consumer not in self._consumers:
+            if len(self._consumers) >= self._max_consumers:
+                self.consumer_overflow += 1
+                consumer = None
+            else:
+                self._consumers.add(consumer)
+        key = (consumer, method, path, status_code)
+        agg = self._aggregates.get(key)
+        if agg is None:
+            agg = self._aggregates[key] = _Aggregate()
+        agg.count += 1
+        # Same arithmetic as the official clients, so float edge cases land in the same bin.
+        rt_bin = math.floor(response_time / 0.01) * 10 if response_time > 0 else 0
+        agg.response_times[rt_bin] = agg.response_times.get(rt_bin, 0) + 1
+        if request_size is not None and request_size >= 0:
+            agg.request_size_sum += request_size
+            kb = request_size // 1000
+            agg.request_sizes[kb] = agg.request_sizes.get(kb, 0) + 1
+        if response_size is not None and response_size >= 0:
+            agg.response_size_sum += response_size
+            kb = response_size // 1000
+            agg.response_sizes[kb] = agg.response_sizes.get(kb, 0) + 1
+
+    def __len__(self) -> int:
+        return len(self._aggregates)
+
+    @property
+    def total(self) -> int:
+        """Requests recorded since the last reset."""
+        return sum(a.count for a in self._aggregates.values())
+
+    def get_and_reset_requests(self) -> list[dict[str, Any]]:
+        """The `requests` list of a sync payload; the counter starts empty again."""
+        aggregates, self._aggregates = self._aggregates, {}
+        self._consumers = set()
+        return [
+            {
+                "consumer": consumer,
+                "method": method,
+                "path": path,
+                "status_code": status,
+                "request_count": agg.count,
+                "request_size_sum": agg.request_size_sum,
+                "response_size_sum": agg.response_size_sum,
+                "response_times": {str(k): v for k, v in agg.response_times.items()},
+                "request_sizes": {str(k): v for k, v in agg.request_sizes.items()},
+                "response_sizes": {str(k): v for k, v in agg.response_sizes.items()},
+            }
+            for (consumer, method, path, status), agg in aggregates.items()
+        ]

@@ -1,0 +1,362 @@
+"""The reverse proxy: one request's trip, top to bottom.
+
+copy the request headers (minus hop-by-hop) → stream the body to the upstream →
+wait for the response headers (time to first byte) → copy them back (minus
+hop-by-hop and X-Apitally-*) → stream the body to the client → hand one
+`Exchange` to whoever records it. Nothing here knows about Apitally beyond
+stripping its headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import AsyncIterator, Callable
+from types import SimpleNamespace
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from apitally_proxy.config import Settings, Upstream
+
+log = logging.getLogger("apitally_proxy.proxy")
+
+# Headers that describe one connection, not the message: never forwarded (RFC 9110 §7.6.1).
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",  # non-standard, still sent by old clients
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# The proxy answers `Expect: 100-continue` itself and re-frames the body, so these
+# are recomputed rather than copied.
+REQUEST_RECOMPUTED = frozenset({"expect", "content-length"})
+APITALLY_PREFIX = "x-apitally-"
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+STATUS_CLIENT_CLOSED = 499
+
+
+class Exchange:
+    """What the proxy observed about one request, handed to the recorder."""
+
+    __slots__ = (
+        "apitally_headers",
+        "method",
+        "path",
+        "request_size",
+        "response_size",
+        "response_time",
+        "status",
+        "upstream_error",
+    )
+
+    def __init__(self, method: str, path: str) -> None:
+        self.method = method
+        self.path = path
+        self.status = 0
+        self.response_time = 0.0
+        self.request_size = 0
+        self.response_size = 0
+        # The app's X-Apitally-* response headers (lower-cased names), stripped from the response.
+        self.apitally_headers: dict[str, str] | None = None
+        self.upstream_error: str | None = None
+
+
+Recorder = Callable[[Exchange], None]
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
+    """Header names listed in Connection: also hop-by-hop for this message."""
+    tokens: set[str] = set()
+    for value in headers.getall("Connection", ()):
+        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return tokens
+
+
+def _is_hop_by_hop(name: str, extra: set[str]) -> bool:
+    return name in HOP_BY_HOP or (bool(extra) and name in extra) or name.startswith("proxy-")
+
+
+class ReverseProxy:
+    """An aiohttp low-level request handler that forwards everything to one upstream."""
+
+    def __init__(self, settings: Settings, recorder: Recorder) -> None:
+        self._upstream: Upstream = settings.upstream_target
+        self._base = self._upstream.origin + self._upstream.base_path
+        self._recorder = recorder
+        self._trusted = settings.trusted_networks
+        self._trust_cache: dict[str, bool] = {}
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=None,
+            sock_connect=settings.upstream_connect_timeout,
+            sock_read=settings.upstream_timeout,
+        )
+        self._keepalive = settings.upstream_keepalive
+        self._pool_size = settings.upstream_pool_size
+        self._session: aiohttp.ClientSession | None = None
+        self.in_flight = 0
+        self.upstream_errors: dict[str, int] = {}
+        self.retries = 0
+
+    async def start(self) -> None:
+        """Open the keep-alive pool to the upstream."""
+        if self._upstream.socket_path is not None:
+            connector: aiohttp.BaseConnector = aiohttp.UnixConnector(
+                path=self._upstream.socket_path,
+                keepalive_timeout=self._keepalive,
+                limit=self._pool_size,
+            )
+        else:
+            connector = aiohttp.TCPConnector(
+                keepalive_timeout=self._keepalive,
+                limit=self._pool_size,
+                ttl_dns_cache=10,
+                use_dns_cache=True,
+            )
+        trace = aiohttp.TraceConfig()
+        trace.on_connection_reuseconn.append(_mark_reused)
+        session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            auto_decompress=False,
+            # Never keep cookies: a shared jar would leak one client's cookies to the next.
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type", "Accept"),
+            trust_env=False,
+            trace_configs=[trace],
+        )
+        # aiohttp's own retry would also resend requests with (streamed) bodies; we
+        # retry ourselves, only where it is safe.
+        session._retry_connection = False
+        self._session = session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _peer_trusted(self, peer: str | None) -> bool:
+        if not self._trusted or not peer:
+            return False
+        trusted = self._trust_cache.get(peer)
+        if trusted is None:
+            try:
+                addr = ipaddress.ip_address(peer)
+                trusted = any(addr in net for net in self._trusted)
+            except ValueError:
+                trusted = False
+            if len(self._trust_cache) > 4096:
+                self._trust_cache.clear()
+            self._trust_cache[peer] = trusted
+        return trusted
+
+    def _upstream_headers(self, request: web.BaseRequest) -> CIMultiDict[str]:
+        """The request headers as the upstream should see them."""
+        incoming = request.headers
+        extra = _connection_tokens(incoming) if "Connection" in incoming else set()
+        headers: CIMultiDict[str] = CIMultiDict()
+        for name, value in incoming.items():
+            lname = name.lower()
+            if (
+                _is_hop_by_hop(lname, extra)
+                or lname in REQUEST_RECOMPUTED
+                # A client must never pose as a consumer or a route.
+                or lname.startswith(APITALLY_PREFIX)
+                or lname.startswith("x-forwarded-")
+            ):
+                continue
+            headers.add(name, value)
+        length = request.content_length
+        if length is not None:
+            headers["Content-Length"] = str(length)
+
+        peer = request.remote or ""
+        if self._peer_trusted(peer):
+            # Keep what the trusted hop said, add ourselves to the chain.
+            chain = ", ".join(incoming.getall("X-Forwarded-For", ()))
+            headers["X-Forwarded-For"] = f"{chain}, {peer}" if chain else peer
+            headers["X-Forwarded-Proto"] = incoming.get("X-Forwarded-Proto", request.scheme)
+            host = incoming.get("X-Forwarded-Host", incoming.get("Host"))
+        else:
+            headers["X-Forwarded-For"] = peer
+            headers["X-Forwarded-Proto"] = request.scheme
+            host = incoming.get("Host")
+        if host:
+            headers["X-Forwarded-Host"] = host
+        return headers
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Forward one request; always records exactly one Exchange."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        raw = request.rel_url
+        exchange = Exchange(request.method, raw.raw_path)
+        self.in_flight += 1
+        try:
+            return await self._forward(request, exchange, started)
+        except asyncio.CancelledError:
+            # aiohttp cancels the handler when the client goes away.
+            exchange.status = STATUS_CLIENT_CLOSED
+            raise
+        finally:
+            self.in_flight -= 1
+            if exchange.response_time == 0.0:
+                exchange.response_time = loop.time() - started
+            try:
+                self._recorder(exchange)
+            except Exception:  # metering must never break proxying
+                log.exception("recording a request failed")
+
+    async def _forward(
+        self, request: web.BaseRequest, exchange: Exchange, started: float
+    ) -> web.StreamResponse:
+        method = request.method
+        if method == "CONNECT":
+            exchange.status = 405
+            return web.Response(status=405, text="CONNECT is not supported by this proxy\n")
+        assert self._session is not None, "ReverseProxy.start() was not awaited"
+        url = URL(self._base + request.rel_url.raw_path_qs, encoded=True)
+        headers = self._upstream_headers(request)
+        has_body = request.body_exists
+        ctx = SimpleNamespace(reused=False)
+
+        try:
+            upstream = await self._send(request, method, url, headers, has_body, exchange, ctx)
+        except Exception as exc:
+            return self._error_response(exchange, exc)
+        loop = asyncio.get_running_loop()
+        exchange.response_time = loop.time() - started
+        try:
+            return await self._relay(request, upstream, exchange)
+        finally:
+            upstream.release()
+
+    async def _send(
+        self,
+        request: web.BaseRequest,
+        method: str,
+        url: URL,
+        headers: CIMultiDict[str],
+        has_body: bool,
+        exchange: Exchange,
+        ctx: SimpleNamespace,
+    ) -> aiohttp.ClientResponse:
+        assert self._session is not None
+        body = self._stream_body(request, exchange) if has_body else None
+        try:
+            return await self._session.request(
+                method,
+                url,
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+                trace_request_ctx=ctx,
+            )
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            # A pooled connection the upstream had already closed: safe to retry once,
+            # but only when nothing the client sent could be lost or duplicated.
+            if (
+                has_body
+                or not ctx.reused
+                or method not in IDEMPOTENT_METHODS
+                or isinstance(exc, aiohttp.ClientConnectorError)
+            ):
+                raise
+            self.retries += 1
+            return await self._session.request(
+                method, url, headers=headers, allow_redirects=False, trace_request_ctx=ctx
+            )
+
+    async def _stream_body(self, request: web.BaseRequest, exchange: Exchange) -> AsyncIterator[bytes]:
+        async for chunk in request.content.iter_any():
+            exchange.request_size += len(chunk)
+            yield chunk
+
+    async def _relay(
+        self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, exchange: Exchange
+    ) -> web.StreamResponse:
+        """Copy the upstream response to the client, streaming the body."""
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        extra = _connection_tokens(upstream.headers) if "Connection" in upstream.headers else set()
+        out = response.headers
+        for name, value in upstream.headers.items():
+            lname = name.lower()
+            if lname.startswith(APITALLY_PREFIX):
+                if exchange.apitally_headers is None:
+                    exchange.apitally_headers = {}
+                exchange.apitally_headers[lname] = value
+                continue
+            if _is_hop_by_hop(lname, extra):
+                continue
+            out.add(name, value)
+        exchange.status = upstream.status
+        try:
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+                exchange.response_size += len(chunk)
+            await response.write_eof()
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+            if isinstance(exc, ConnectionResetError) or request.transport is None:
+                # Writing to the client failed: the client left.
+                exchange.status = STATUS_CLIENT_CLOSED
+                return response
+            # The upstream broke off mid-body; the status line is already out, so the
+            # only honest signal left is to cut the client connection short.
+            kind = "timeout" if isinstance(exc, TimeoutError) else "aborted"
+            self._count_error(f"body_{kind}")
+            exchange.upstream_error = f"body_{kind}"
+            log.warning("upstream %s mid-response for %s %s", kind, exchange.method, exchange.path)
+            if request.transport is not None:
+                request.transport.abort()
+        except ConnectionResetError:
+            exchange.status = STATUS_CLIENT_CLOSED
+        return response
+
+    def _count_error(self, kind: str) -> None:
+        self.upstream_errors[kind] = self.upstream_errors.get(kind, 0) + 1
+
+    def _error_response(self, exchange: Exchange, exc: Exception) -> web.Response:
+        """Map a failure to reach the upstream to 502/504, as nginx would."""
+        if isinstance(exc, TimeoutError):
+            status, kind, reason = 504, "timeout", "the upstream did not answer in time"
+        elif isinstance(exc, aiohttp.ClientConnectorError):
+            status, kind, reason = 502, "connect", "the upstream refused the connection"
+        elif isinstance(exc, aiohttp.ClientResponseError):
+            status, kind, reason = 502, "protocol", "the upstream sent an invalid response"
+        elif isinstance(exc, (aiohttp.ClientConnectionError, OSError)):
+            status, kind, reason = 502, "reset", "the upstream closed the connection"
+        else:
+            log.exception("unexpected error forwarding %s %s", exchange.method, exchange.path)
+            status, kind, reason = 502, "internal", "the proxy failed to forward the request"
+        self._count_error(kind)
+        exchange.status = status
+        exchange.upstream_error = kind
+        log.warning(
+            "%s %s -> %d: %s (%s: %s)",
+            exchange.method,
+            exchange.path,
+            status,
+            reason,
+            type(exc).__name__,
+            exc,
+        )
+        return web.Response(status=status, text=f"{status} {reason}\n")
+
+
+async def _mark_reused(
+    session: aiohttp.ClientSession, ctx: SimpleNamespace, params: object
+) -> None:
+    if ctx.trace_request_ctx is not None:
+        ctx.trace_request_ctx.reused = True

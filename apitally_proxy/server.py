@@ -1,0 +1,198 @@
+"""One worker process, wired together in one place: start-up, serving, drain, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from typing import Any
+
+from aiohttp import web
+
+from apitally_proxy.admin import build_admin_app
+from apitally_proxy.config import ConfigError, Settings
+from apitally_proxy.hub.instance import acquire_instance
+from apitally_proxy.hub.payloads import startup_payload
+from apitally_proxy.hub.sync import HubSync
+from apitally_proxy.hub.transport import HubTransport, LocalTransport, Transport
+from apitally_proxy.metering import Meter
+from apitally_proxy.proxy import ReverseProxy
+from apitally_proxy.routes import RouteResolver
+
+log = logging.getLogger("apitally_proxy")
+
+
+class Worker:
+    """Composes proxy, meter, hub sync and admin for one process slot."""
+
+    def __init__(self, settings: Settings, slot: int = 0) -> None:
+        self.settings = settings
+        self.slot = slot
+        self.lease = acquire_instance(settings.state_dir, settings.client_id, settings.env, slot)
+        self.routes = RouteResolver(settings.max_templates_per_method)
+        self.meter = Meter(self.routes, max_consumers=settings.max_consumers)
+        self.proxy = ReverseProxy(settings, self.meter.record)
+        self.transport = self._make_transport()
+        self.sync = HubSync(
+            self.transport,
+            self.lease.uuid,
+            aggregates=self.meter.get_and_reset,
+            startup=self._startup_payload,
+            interval=settings.sync_interval,
+            max_age=settings.queue_max_age,
+        )
+        self.ready = False
+        self.started_at = time.time()
+        self._runner: web.ServerRunner | None = None
+        self._admin_runner: web.AppRunner | None = None
+
+    def _make_transport(self) -> Transport:
+        s = self.settings
+        problem = s.hub_problem
+        if problem:
+            # A bad Apitally setting never stops traffic: say so loudly and keep proxying.
+            log.error("Apitally disabled, running in local mode: %s", problem)
+        if s.hub_enabled:
+            assert s.client_id is not None
+            return HubTransport(s.hub_url, s.client_id, s.env, timeout=s.hub_timeout)
+        return LocalTransport(s.state_dir / "local", f"worker-{self.lease.slot}")
+
+    def _startup_payload(self, instance_uuid: str) -> dict[str, Any]:
+        s = self.settings
+        return startup_payload(instance_uuid, self.routes.paths(), s.client_tag, s.app_version)
+
+    def status(self) -> dict[str, Any]:
+        """Live state for the admin endpoints."""
+        s = self.settings
+        problem = s.hub_problem or self.transport.last_error
+        return {
+            "version": __import__("apitally_proxy").__version__,
+            "upstream": str(s.upstream_target),
+            "listen": s.listen,
+            "worker_slot": self.lease.slot,
+            "instance_uuid": self.lease.uuid,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "requests_total": self.meter.recorded,
+            "requests_by_status": dict(self.meter.status_counts),
+            "unmatched": self.meter.unmatched,
+            "route_overflow": self.routes.overflow,
+            "consumer_overflow": self.meter.requests.consumer_overflow,
+            "in_flight": self.proxy.in_flight,
+            "upstream_errors": dict(self.proxy.upstream_errors),
+            "upstream_retries": self.proxy.retries,
+            "hub": {
+                "mode": "hub" if s.hub_enabled else "local",
+                "ok": problem is None and not self.sync.stopped,
+                "problem": problem,
+                "stopped": self.sync.stopped,
+                "queued": self.sync.queued,
+                "sent": self.sync.sent,
+                "dropped_rejected": self.sync.dropped_rejected,
+                "dropped_expired": self.sync.dropped_expired,
+                "last_sync": self.sync.last_sync,
+                "local_file": str(getattr(self.transport, "path", "")) or None,
+            },
+            "recent_payloads": list(getattr(self.transport, "recent", [])),
+        }
+
+    async def start(self, reuse_port: bool = False) -> None:
+        s = self.settings
+        await self.proxy.start()
+        server = web.Server(
+            self.proxy.handle,
+            handler_cancellation=True,  # a client that leaves cancels its handler (499)
+            access_log=None,
+            keepalive_timeout=s.client_keepalive,
+            max_line_size=s.max_line_size,
+            max_field_size=s.max_field_size,
+            max_headers=s.max_headers,
+        )
+        self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=s.shutdown_grace)
+        await self._runner.setup()
+        addr = s.listen_address
+        try:
+            await web.TCPSite(
+                self._runner, addr.host or None, addr.port, reuse_port=reuse_port, backlog=2048
+            ).start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise ConfigError(
+                f"cannot listen on {addr} ({exc.strerror or exc}); "
+                "set --listen / APITALLY_PROXY_LISTEN to a free local address"
+            ) from None
+        admin = s.admin_address
+        if admin is not None and self.slot == 0:
+            self._admin_runner = web.AppRunner(
+                build_admin_app(self.status, lambda: self.ready), access_log=None
+            )
+            await self._admin_runner.setup()
+            try:
+                await web.TCPSite(self._admin_runner, admin.host or None, admin.port).start()
+            except OSError as exc:
+                # The admin endpoint is a convenience; traffic still flows without it.
+                log.error("cannot listen on admin address %s (%s); admin disabled", admin, exc)
+                await self._admin_runner.cleanup()
+                self._admin_runner = None
+        self.sync.start()
+        self.ready = True
+        mode = "hub " + s.hub_url if s.hub_enabled else f"local mode ({self.transport.path})"  # type: ignore[attr-defined]
+        log.info(
+            "worker %d proxying %s -> %s, instance %s, %s",
+            self.lease.slot,
+            addr,
+            s.upstream_target,
+            self.lease.uuid,
+            mode,
+        )
+
+    async def drain_and_stop(self, hurry: asyncio.Event | None = None) -> None:
+        """Stop accepting, let in-flight requests finish (bounded), final sync.
+
+        Setting `hurry` (a second signal) cuts the grace period short; the final
+        sync still runs.
+        """
+        self.ready = False
+        if self._runner is not None:
+            # Closes the listener, then waits up to shutdown_grace for handlers.
+            cleanup = asyncio.ensure_future(self._runner.cleanup())
+            waiters: set[asyncio.Future[Any]] = {cleanup}
+            if hurry is not None:
+                waiters.add(asyncio.ensure_future(hurry.wait()))
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for fut in waiters:
+                if not fut.done():
+                    fut.cancel()
+        await self.proxy.close()
+        await self.sync.stop()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+        self.lease.release()
+        log.info("worker %d stopped", self.lease.slot)
+
+
+async def serve(settings: Settings, slot: int = 0, reuse_port: bool = False) -> int:
+    """Run one worker until SIGTERM/SIGINT; returns the exit code."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    hurry = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if not stop.is_set():
+            log.info("%s received: draining", signal.Signals(signum).name)
+            stop.set()
+        else:
+            log.warning("second signal: skipping the grace period")
+            hurry.set()
+
+    worker = Worker(settings, slot)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        await worker.start(reuse_port=reuse_port)
+    except BaseException:
+        worker.lease.release()
+        raise
+    await stop.wait()
+    await worker.drain_and_stop(hurry)
+    return 0

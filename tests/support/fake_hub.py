@@ -1,0 +1,113 @@
+"""A recording fake of the Apitally hub, speaking the hub protocol over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+PATH = re.compile(r"^/v2/(?P<client_id>[^/]+)/(?P<env>[^/]+)/(?P<kind>startup|sync|log)$")
+
+
+@dataclass
+class HubCall:
+    kind: str
+    client_id: str
+    env: str
+    status: int
+    headers: dict[str, str]
+    body: Any
+    query: dict[str, str] = field(default_factory=dict)
+
+
+class FakeHub:
+    """Records every call; `responses` scripts the status codes (default 202).
+
+    `script` maps a kind to a list of statuses consumed in order (then `default`);
+    `delay` makes every answer slow.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[HubCall] = []
+        self.script: dict[str, list[int]] = {}
+        self.default_status = 202
+        self.delay = 0.0
+        self.changed = asyncio.Event()
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> FakeHub:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        m = PATH.match(request.path)
+        if not m:
+            return web.Response(status=404)
+        raw = await request.read()
+        if request.headers.get("Content-Encoding") == "gzip" or raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+        kind = m["kind"]
+        body: Any
+        if kind == "log":
+            body = [orjson.loads(line) for line in raw.splitlines() if line.strip()]
+        else:
+            body = orjson.loads(raw)
+        scripted = self.script.get(kind)
+        status = scripted.pop(0) if scripted else self.default_status
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        self.calls.append(
+            HubCall(kind, m["client_id"], m["env"], status, dict(request.headers), body,
+                    dict(request.query))
+        )
+        self.changed.set()
+        if status == 422:
+            return web.json_response({"detail": [{"msg": "rejected by fake hub"}]}, status=422)
+        return web.Response(status=status)
+
+    # Views for assertions.
+
+    def accepted(self, kind: str) -> list[Any]:
+        return [c.body for c in self.calls if c.kind == kind and 200 <= c.status < 300]
+
+    def request_counts(self) -> dict[tuple[Any, str, str, int], int]:
+        """Accepted request counts per (consumer, method, path, status), summed over syncs."""
+        totals: dict[tuple[Any, str, str, int], int] = {}
+        for payload in self.accepted("sync"):
+            for r in payload["requests"]:
+                key = (r["consumer"], r["method"], r["path"], r["status_code"])
+                totals[key] = totals.get(key, 0) + r["request_count"]
+        return totals
+
+    def request_rows(self) -> list[dict[str, Any]]:
+        return [r for p in self.accepted("sync") for r in p["requests"]]
+
+    async def wait_for(self, predicate, timeout: float = 10.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not predicate():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise AssertionError(f"fake hub: condition not met in {timeout} s: {self.calls!r}")
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), min(remaining, 0.2))
+            except TimeoutError:
+                pass
