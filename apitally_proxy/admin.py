@@ -37,19 +37,23 @@ class _ProxyCollector(Collector):
             errors.add_metric([kind], n)
         yield errors
         yield CounterMetricFamily(
-            "apitally_proxy_upstream_retries", "Requests retried on a stale pooled connection",
+            "apitally_proxy_upstream_retries",
+            "Requests retried on a stale pooled connection",
             value=s["upstream_retries"],
         )
         yield CounterMetricFamily(
-            "apitally_proxy_unmatched_requests", "Requests matching no known route (not metered)",
+            "apitally_proxy_unmatched_requests",
+            "Requests matching no known route (not metered)",
             value=s["unmatched"],
         )
         yield CounterMetricFamily(
-            "apitally_proxy_route_overflow", "Requests counted in the overflow route bucket",
+            "apitally_proxy_route_overflow",
+            "Requests counted in the overflow route bucket",
             value=s["route_overflow"],
         )
         yield CounterMetricFamily(
-            "apitally_proxy_consumer_overflow", "Requests whose consumer exceeded the cap",
+            "apitally_proxy_consumer_overflow",
+            "Requests whose consumer exceeded the cap",
             value=s["consumer_overflow"],
         )
         yield GaugeMetricFamily(

@@ -297,7 +297,11 @@ class Settings(BaseSettings):
         environ = dict(os.environ)
         cli_values = getattr(init_settings, "init_kwargs", {})
         path = cli_values.get("config") or environ.get("APITALLY_PROXY_CONFIG")
-        return (init_settings, _EnvVarSource(settings_cls, environ), _TomlFileSource(settings_cls, path))
+        return (
+            init_settings,
+            _EnvVarSource(settings_cls, environ),
+            _TomlFileSource(settings_cls, path),
+        )
 
     @field_validator("upstream")
     @classmethod

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
 
@@ -51,6 +52,7 @@ class Exchange:
 
     __slots__ = (
         "apitally_headers",
+        "got_headers",
         "method",
         "path",
         "request_size",
@@ -65,7 +67,8 @@ class Exchange:
         self.path = path
         self.status = 0
         self.response_time = 0.0
-        self.request_size = 0
+        self.got_headers = False
+        self.request_size: int | None = None
         self.response_size = 0
         # The app's X-Apitally-* response headers (lower-cased names), stripped from the response.
         self.apitally_headers: dict[str, str] | None = None
@@ -198,8 +201,8 @@ class ReverseProxy:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Forward one request; always records exactly one Exchange."""
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        # perf_counter, not loop.time(): uvloop's clock ticks in whole milliseconds.
+        started = time.perf_counter()
         raw = request.rel_url
         exchange = Exchange(request.method, raw.raw_path)
         self.in_flight += 1
@@ -211,8 +214,8 @@ class ReverseProxy:
             raise
         finally:
             self.in_flight -= 1
-            if exchange.response_time == 0.0:
-                exchange.response_time = loop.time() - started
+            if not exchange.got_headers:  # failed before the upstream answered
+                exchange.response_time = time.perf_counter() - started
             try:
                 self._recorder(exchange)
             except Exception:  # metering must never break proxying
@@ -235,8 +238,8 @@ class ReverseProxy:
             upstream = await self._send(request, method, url, headers, has_body, exchange, ctx)
         except Exception as exc:
             return self._error_response(exchange, exc)
-        loop = asyncio.get_running_loop()
-        exchange.response_time = loop.time() - started
+        exchange.response_time = time.perf_counter() - started
+        exchange.got_headers = True
         try:
             return await self._relay(request, upstream, exchange)
         finally:
@@ -278,7 +281,10 @@ class ReverseProxy:
                 method, url, headers=headers, allow_redirects=False, trace_request_ctx=ctx
             )
 
-    async def _stream_body(self, request: web.BaseRequest, exchange: Exchange) -> AsyncIterator[bytes]:
+    async def _stream_body(
+        self, request: web.BaseRequest, exchange: Exchange
+    ) -> AsyncIterator[bytes]:
+        exchange.request_size = 0
         async for chunk in request.content.iter_any():
             exchange.request_size += len(chunk)
             yield chunk

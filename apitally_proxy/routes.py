@@ -21,7 +21,8 @@ _ID_SEGMENT = re.compile(
     | [0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}  # UUID
     | [0-9a-fA-F]{16,}                                              # long hex (hashes, object ids)
     | [0-9A-HJKMNP-TV-Z]{26}                                        # ULID
-    | (?=[A-Za-z_\-]*\d)(?=[0-9_\-]*[A-Za-z])[A-Za-z0-9_\-]{20,}    # long token mixing letters+digits
+    # long token mixing letters and digits
+    | (?=[A-Za-z_\-]*\d)(?=[0-9_\-]*[A-Za-z])[A-Za-z0-9_\-]{20,}
     | [^/]*%[0-9a-fA-F]{2}[^/]*                                     # percent-encoded values
     """,
     re.VERBOSE,

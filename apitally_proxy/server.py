@@ -108,7 +108,9 @@ class Worker:
             max_field_size=s.max_field_size,
             max_headers=s.max_headers,
         )
-        self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=s.shutdown_grace)
+        self._runner = web.ServerRunner(
+            server, handle_signals=False, shutdown_timeout=s.shutdown_grace
+        )
         await self._runner.setup()
         addr = s.listen_address
         try:

@@ -44,10 +44,15 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
     """Starts real proxy processes; any still running at the end are killed."""
     started: list[ProxyProcess] = []
 
-    async def _start(upstream_url: str, *args: str, state_dir: Path | None = None,
-                     env: dict[str, str] | None = None) -> ProxyProcess:
-        p = ProxyProcess(upstream_url, state_dir or tmp_path / f"state{len(started)}", *args,
-                         env=env)
+    async def _start(
+        upstream_url: str,
+        *args: str,
+        state_dir: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> ProxyProcess:
+        p = ProxyProcess(
+            upstream_url, state_dir or tmp_path / f"state{len(started)}", *args, env=env
+        )
         started.append(p)
         return await p.start()
 
@@ -59,5 +64,13 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
 @pytest.fixture
 def hub_args(hub: FakeHub) -> list[str]:
     """CLI arguments pointing a proxy at the fake hub with a fast sync."""
-    return ["--client-id", CLIENT_ID, "--env", "test", "--hub-url", hub.url,
-            "--sync-interval", "0.3"]
+    return [
+        "--client-id",
+        CLIENT_ID,
+        "--env",
+        "test",
+        "--hub-url",
+        hub.url,
+        "--sync-interval",
+        "0.3",
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -11,7 +12,7 @@ from typing import Any
 
 import psutil
 
-from apitally_proxy.hub.payloads import startup_payload, sync_payload
+from apitally_proxy.hub.payloads import sync_payload
 from apitally_proxy.hub.transport import Outcome, Transport
 
 log = logging.getLogger("apitally_proxy.hub")
@@ -87,10 +88,8 @@ class HubSync:
         """Cancel the loop, then send the final aggregates (bounded in time)."""
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
         try:
             await asyncio.wait_for(self.sync_once(), final_sync_timeout)

@@ -19,7 +19,7 @@ class Observed(Protocol):
     path: str
     status: int
     response_time: float
-    request_size: int
+    request_size: int | None
     response_size: int
     apitally_headers: dict[str, str] | None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import re
 from dataclasses import dataclass, field
@@ -74,8 +75,15 @@ class FakeHub:
         if self.delay:
             await asyncio.sleep(self.delay)
         self.calls.append(
-            HubCall(kind, m["client_id"], m["env"], status, dict(request.headers), body,
-                    dict(request.query))
+            HubCall(
+                kind,
+                m["client_id"],
+                m["env"],
+                status,
+                dict(request.headers),
+                body,
+                dict(request.query),
+            )
         )
         self.changed.set()
         if status == 422:
@@ -107,7 +115,5 @@ class FakeHub:
             if remaining <= 0:
                 raise AssertionError(f"fake hub: condition not met in {timeout} s: {self.calls!r}")
             self.changed.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), min(remaining, 0.2))
-            except TimeoutError:
-                pass

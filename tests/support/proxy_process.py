@@ -19,35 +19,42 @@ def free_port() -> int:
 
 
 class ProxyProcess:
-    def __init__(self, upstream: str, state_dir: Path, *args: str, env: dict[str, str] | None = None):
+    def __init__(
+        self, upstream: str, state_dir: Path, *args: str, env: dict[str, str] | None = None
+    ):
         self.port = free_port()
         self.admin_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin_url = f"http://127.0.0.1:{self.admin_port}"
         self.state_dir = state_dir
         self.args = [
-            "--upstream", upstream,
-            "--listen", f"127.0.0.1:{self.port}",
-            "--admin-listen", f"127.0.0.1:{self.admin_port}",
-            "--state-dir", str(state_dir),
+            "--upstream",
+            upstream,
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--admin-listen",
+            f"127.0.0.1:{self.admin_port}",
+            "--state-dir",
+            str(state_dir),
             *args,
         ]
-        self.env = {
-            k: v for k, v in os.environ.items()
-            if not k.startswith(("APITALLY_",))
-        }
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("APITALLY_",))}
         self.env.update(env or {})
         self.log_path = state_dir / "proxy.log"
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self, timeout: float = 15.0) -> ProxyProcess:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "apitally_proxy", *self.args,
-            env=self.env, stdout=log, stderr=log,
-        )
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "apitally_proxy",
+                *self.args,
+                env=self.env,
+                stdout=log,
+                stderr=log,
+            )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         async with aiohttp.ClientSession() as s:

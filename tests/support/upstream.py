@@ -28,8 +28,11 @@ async def item(request: web.Request) -> web.Response:
 
 
 async def headers(request: web.Request) -> web.Response:
-    data = {"headers": [[k, v] for k, v in request.headers.items()], "path": request.raw_path,
-            "method": request.method}
+    data = {
+        "headers": [[k, v] for k, v in request.headers.items()],
+        "path": request.raw_path,
+        "method": request.method,
+    }
     resp = web.Response(body=orjson.dumps(data), content_type="application/json")
     resp.headers["X-Apitally-Consumer"] = "from-app"
     resp.headers["X-Apitally-Route"] = "/should/not/leak"

@@ -1,0 +1,114 @@
+"""The aggregates, exactly as the hub expects them; no network."""
+
+from apitally_proxy.metering import ConsumerRegistry, RequestCounter, parse_consumer
+
+
+def rows_by_key(counter: RequestCounter) -> dict:
+    return {
+        (r["consumer"], r["method"], r["path"], r["status_code"]): r
+        for r in counter.get_and_reset_requests()
+    }
+
+
+def test_requests_are_aggregated_by_consumer_method_path_status():
+    c = RequestCounter()
+    for _ in range(3):
+        c.add_request("a", "get", "/items/{id}", 200, 0.005, 0, 100)
+    c.add_request("a", "GET", "/items/{id}", 404, 0.005, 0, 10)
+    c.add_request(None, "GET", "/items/{id}", 200, 0.005, 0, 10)
+    rows = rows_by_key(c)
+    assert rows[("a", "GET", "/items/{id}", 200)]["request_count"] == 3
+    assert rows[("a", "GET", "/items/{id}", 404)]["request_count"] == 1
+    assert rows[(None, "GET", "/items/{id}", 200)]["request_count"] == 1
+
+
+def test_response_time_bins_are_10ms_floors_like_the_official_client():
+    c = RequestCounter()
+    for t in (0.0, 0.0099, 0.01, 0.019, 0.29, 0.1234, 2.5):
+        c.add_request(None, "GET", "/", 200, t)
+    (row,) = c.get_and_reset_requests()
+    # 0.29 / 0.01 == 28.999999999999996 in floats: the official client bins 290 ms as 280.
+    assert row["response_times"] == {"0": 2, "10": 2, "280": 1, "120": 1, "2500": 1}
+
+
+def test_size_bins_are_kilobytes_rounded_down_and_sums_are_raw_bytes():
+    c = RequestCounter()
+    c.add_request(None, "POST", "/", 201, 0.0, 999, 1000)
+    c.add_request(None, "POST", "/", 201, 0.0, 2500, 0)
+    (row,) = c.get_and_reset_requests()
+    assert row["request_size_sum"] == 3499
+    assert row["response_size_sum"] == 1000
+    assert row["request_sizes"] == {"0": 1, "2": 1}
+    assert row["response_sizes"] == {"1": 1, "0": 1}
+
+
+def test_unknown_or_negative_sizes_are_not_recorded():
+    c = RequestCounter()
+    c.add_request(None, "GET", "/", 200, 0.0, None, -1)
+    (row,) = c.get_and_reset_requests()
+    assert row["request_sizes"] == {} and row["response_sizes"] == {}
+    assert row["request_size_sum"] == 0 and row["response_size_sum"] == 0
+
+
+def test_options_requests_are_not_counted():
+    c = RequestCounter()
+    c.add_request(None, "OPTIONS", "/", 204, 0.0)
+    assert c.get_and_reset_requests() == []
+
+
+def test_get_and_reset_starts_a_new_interval():
+    c = RequestCounter()
+    c.add_request(None, "GET", "/", 200, 0.0)
+    assert len(c.get_and_reset_requests()) == 1
+    assert c.get_and_reset_requests() == []
+
+
+def test_distinct_consumers_per_interval_are_capped():
+    c = RequestCounter(max_consumers=2)
+    for ident in ("a", "b", "c", "d", "a"):
+        c.add_request(ident, "GET", "/", 200, 0.0)
+    rows = rows_by_key(c)
+    assert rows[("a", "GET", "/", 200)]["request_count"] == 2
+    assert rows[(None, "GET", "/", 200)]["request_count"] == 2
+    assert c.consumer_overflow == 2
+
+
+def test_consumer_values_are_stripped_truncated_and_percent_decoded():
+    consumer = parse_consumer("  " + "x" * 200, " M%C3%BCller GmbH ", "g" * 100)
+    assert consumer is not None
+    assert consumer.identifier == "x" * 128
+    assert consumer.name == "Müller GmbH"
+    assert consumer.group == "g" * 64
+
+
+def test_blank_consumer_identifier_means_no_consumer():
+    assert parse_consumer("   ") is None
+    assert parse_consumer(None, "name") is None
+
+
+def test_invalid_percent_encoding_does_not_raise():
+    consumer = parse_consumer("abc%ZZ%C3")
+    assert consumer is not None and consumer.identifier.startswith("abc%ZZ")
+
+
+def test_consumers_with_name_or_group_are_reported_once_and_again_on_change():
+    reg = ConsumerRegistry()
+    reg.add_or_update(parse_consumer("a", "Acme", "Pro"))
+    reg.add_or_update(parse_consumer("a", "Acme", "Pro"))
+    reg.add_or_update(parse_consumer("b"))  # no name or group: never listed
+    assert reg.get_and_reset_updated_consumers() == [
+        {"identifier": "a", "name": "Acme", "group": "Pro"}
+    ]
+    reg.add_or_update(parse_consumer("a", "Acme", "Pro"))
+    assert reg.get_and_reset_updated_consumers() == []
+    reg.add_or_update(parse_consumer("a", "Acme", "Enterprise"))
+    assert reg.get_and_reset_updated_consumers() == [
+        {"identifier": "a", "name": "Acme", "group": "Enterprise"}
+    ]
+
+
+def test_consumer_registry_is_bounded():
+    reg = ConsumerRegistry(max_size=10)
+    for i in range(1000):
+        reg.add_or_update(parse_consumer(f"c{i}", "n"))
+    assert len(reg.get_and_reset_updated_consumers()) == 10
