@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psutil
@@ -37,6 +37,7 @@ class HubSync:
         startup: Callable[[str], dict[str, Any]],
         interval: float | None = None,
         max_age: float = 3600.0,
+        after_sync: list[Callable[[], Awaitable[None]]] | None = None,
     ) -> None:
         self.transport = transport
         self.instance_uuid = instance_uuid
@@ -44,6 +45,8 @@ class HubSync:
         self._startup = startup
         self._interval = interval
         self._max_age = max_age
+        # Extra deliveries that ride on each sync (e.g. request-log uploads).
+        self._after_sync = after_sync or []
         self._started = time.monotonic()
         self._queue: deque[tuple[float, dict[str, Any]]] = deque()
         self._startup_pending: dict[str, Any] | None = None
@@ -120,6 +123,13 @@ class HubSync:
                 )
             await self._deliver()
             self.last_sync = time.time()
+            for hook in self._after_sync:
+                if self.stopped:
+                    break
+                try:
+                    await hook()
+                except Exception:
+                    log.exception("after-sync delivery failed; will retry at the next sync")
 
     async def _deliver(self) -> None:
         if self.stopped:
