@@ -283,7 +283,12 @@ class Settings(BaseSettings):
     )
     max_consumers: int = _setting(10_000, ge=1)
     hub_timeout: float = _setting(10.0, gt=0)
-    queue_max_age: float = _setting(3600.0, gt=0)
+    queue_max_age: float = _setting(
+        3600.0, gt=0, description="seconds an undelivered sync payload is kept"
+    )
+    spool_max_bytes: int = _setting(
+        100_000_000, ge=100_000, description="bytes of undelivered payloads kept on disk"
+    )
 
     @classmethod
     def settings_customise_sources(

@@ -14,6 +14,7 @@ from apitally_proxy.admin import build_admin_app
 from apitally_proxy.config import ConfigError, Settings
 from apitally_proxy.hub.instance import acquire_instance
 from apitally_proxy.hub.payloads import startup_payload
+from apitally_proxy.hub.spool import Spool
 from apitally_proxy.hub.sync import HubSync
 from apitally_proxy.hub.transport import HubTransport, LocalTransport, Transport
 from apitally_proxy.metering import Meter
@@ -34,13 +35,18 @@ class Worker:
         self.meter = Meter(self.routes, max_consumers=settings.max_consumers)
         self.proxy = ReverseProxy(settings, self.meter.record)
         self.transport = self._make_transport()
+        self.spool = Spool(
+            self.lease.path.with_name(f"slot-{self.lease.slot}.spool"),
+            max_bytes=settings.spool_max_bytes,
+            max_age=settings.queue_max_age,
+        )
         self.sync = HubSync(
             self.transport,
             self.lease.uuid,
-            aggregates=self.meter.get_and_reset,
+            source=self.meter,
             startup=self._startup_payload,
+            spool=self.spool,
             interval=settings.sync_interval,
-            max_age=settings.queue_max_age,
         )
         self.ready = False
         self.started_at = time.time()
@@ -90,6 +96,9 @@ class Worker:
                 "sent": self.sync.sent,
                 "dropped_rejected": self.sync.dropped_rejected,
                 "dropped_expired": self.sync.dropped_expired,
+                "dropped_spool_full": self.sync.dropped_full,
+                "recovered_after_crash": self.sync.recovered,
+                "spool_dir": str(self.spool.directory),
                 "last_sync": self.sync.last_sync,
                 "local_file": str(getattr(self.transport, "path", "")) or None,
             },
@@ -119,6 +128,7 @@ class Worker:
             ).start()
         except OSError as exc:
             await self._runner.cleanup()
+            await self.proxy.close()
             raise ConfigError(
                 f"cannot listen on {addr} ({exc.strerror or exc}); "
                 "set --listen / APITALLY_PROXY_LISTEN to a free local address"
@@ -136,7 +146,7 @@ class Worker:
                 log.error("cannot listen on admin address %s (%s); admin disabled", admin, exc)
                 await self._admin_runner.cleanup()
                 self._admin_runner = None
-        self.sync.start()
+        await self.sync.start()
         self.ready = True
         mode = "hub " + s.hub_url if s.hub_enabled else f"local mode ({self.transport.path})"  # type: ignore[attr-defined]
         log.info(
@@ -152,7 +162,7 @@ class Worker:
         """Stop accepting, let in-flight requests finish (bounded), final sync.
 
         Setting `hurry` (a second signal) cuts the grace period short; the final
-        sync still runs.
+        payload is still spooled, and its delivery is abandoned when hurried.
         """
         self.ready = False
         if self._runner is not None:
@@ -166,7 +176,7 @@ class Worker:
                 if not fut.done():
                     fut.cancel()
         await self.proxy.close()
-        await self.sync.stop()
+        await self.sync.stop(hurry=hurry)
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         self.lease.release()

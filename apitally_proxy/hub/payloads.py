@@ -33,11 +33,14 @@ def startup_payload(
 
 
 def sync_payload(
-    instance_uuid: str, aggregates: dict[str, Any], resources: dict[str, Any] | None
+    instance_uuid: str,
+    aggregates: dict[str, Any],
+    resources: dict[str, Any] | None,
+    message_uuid: str | None = None,
 ) -> dict[str, Any]:
     return {
         "instance_uuid": instance_uuid,
-        "message_uuid": str(uuid.uuid4()),
+        "message_uuid": message_uuid or str(uuid.uuid4()),
         "timestamp": time.time(),
         **aggregates,
         "resources": resources,

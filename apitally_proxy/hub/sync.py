@@ -1,4 +1,11 @@
-"""The sync loop: turns aggregates into payloads on a timer and delivers them in order."""
+"""The sync loop: aggregates → spooled payloads → the hub, in order, off the hot path.
+
+Two background tasks per worker:
+- every ~1 s, the open interval's aggregates are checkpointed to disk, so a
+  SIGKILL loses at most that second;
+- every sync interval, the interval is closed into a payload, made durable in
+  the spool, and everything waiting in the spool is delivered oldest first.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +13,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
+import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import psutil
 
 from apitally_proxy.hub.payloads import sync_payload
+from apitally_proxy.hub.spool import Spool
 from apitally_proxy.hub.transport import Outcome, Transport
 
 log = logging.getLogger("apitally_proxy.hub")
@@ -20,49 +28,69 @@ log = logging.getLogger("apitally_proxy.hub")
 INITIAL_INTERVAL = 10.0
 STEADY_INTERVAL = 60.0
 INITIAL_PERIOD = 3600.0
+CHECKPOINT_INTERVAL = 1.0
+AGGREGATE_KEYS = ("requests", "validation_errors", "server_errors", "consumers")
+
+T = TypeVar("T")
+
+
+class AggregateSource(Protocol):
+    def peek(self) -> dict[str, Any]: ...
+
+    def get_and_reset(self) -> dict[str, Any]: ...
 
 
 class HubSync:
-    """Owns the payload queue and the background task that drains it.
+    """Owns the spool, the payload delivery and the two background tasks that drive them.
 
-    `aggregates` is called once per sync (on the event loop, between requests),
-    so it never races the hot path.
+    The aggregate source is read on the event loop (between requests), so it never
+    races the hot path; disk I/O runs in worker threads.
     """
 
     def __init__(
         self,
         transport: Transport,
         instance_uuid: str,
-        aggregates: Callable[[], dict[str, Any]],
+        source: AggregateSource,
         startup: Callable[[str], dict[str, Any]],
+        spool: Spool,
         interval: float | None = None,
-        max_age: float = 3600.0,
+        checkpoint_interval: float = CHECKPOINT_INTERVAL,
         after_sync: list[Callable[[], Awaitable[None]]] | None = None,
     ) -> None:
         self.transport = transport
         self.instance_uuid = instance_uuid
-        self._aggregates = aggregates
+        self.spool = spool
+        self._source = source
         self._startup = startup
         self._interval = interval
-        self._max_age = max_age
+        self._checkpoint_interval = checkpoint_interval
         # Extra deliveries that ride on each sync (e.g. request-log uploads).
         self._after_sync = after_sync or []
         self._started = time.monotonic()
-        self._queue: deque[tuple[float, dict[str, Any]]] = deque()
+        self._next_message_uuid = str(uuid.uuid4())
         self._startup_pending: dict[str, Any] | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._lock = asyncio.Lock()
+        # Payloads the spool could not take (disk full): kept in memory instead.
+        self._unspooled: list[dict[str, Any]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._state_lock = asyncio.Lock()  # closing an interval vs checkpointing it
+        self._deliver_lock = asyncio.Lock()
         self._process = psutil.Process()
         self._process.cpu_percent()  # prime the CPU counter
         self.stopped = False  # the hub said 404: nothing more is sent
+        self.queued = 0
         self.sent = 0
         self.dropped_rejected = 0
-        self.dropped_expired = 0
+        self.recovered = 0
         self.last_sync: float | None = None
 
     @property
-    def queued(self) -> int:
-        return len(self._queue)
+    def dropped_expired(self) -> int:
+        return self.spool.dropped_expired
+
+    @property
+    def dropped_full(self) -> int:
+        return self.spool.dropped_full
 
     def interval(self) -> float:
         if self._interval is not None:
@@ -74,37 +102,90 @@ class HubSync:
         """(Re)send startup data at the next sync, e.g. when the route set changed."""
         self._startup_pending = self._startup(self.instance_uuid)
 
-    def start(self) -> None:
-        self.announce()
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="hub-sync")
+    async def _io(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
-    async def _run(self) -> None:
-        await self.sync_once()
+    async def start(self) -> None:
+        """Recover what a crashed predecessor left, then start the background tasks."""
+        checkpoint = await self._io(self.spool.recover_checkpoint)
+        if checkpoint is not None:
+            await self._io(self._spool_checkpoint, checkpoint)
+            self.recovered += 1
+            log.warning(
+                "recovered the last counts of a process that did not shut down cleanly "
+                "(message %s)",
+                checkpoint.get("message_uuid"),
+            )
+        self.queued = len(await self._io(self.spool.entries))
+        self.announce()
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._run_syncs(), name="hub-sync"),
+            loop.create_task(self._run_checkpoints(), name="hub-checkpoint"),
+        ]
+
+    def _spool_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.spool.put(checkpoint)
+        self.spool.clear_checkpoint()
+
+    async def _run_syncs(self) -> None:
         while True:
-            await asyncio.sleep(self.interval())
             try:
                 await self.sync_once()
             except Exception:
                 log.exception("sync failed; will retry at the next interval")
+            await asyncio.sleep(self.interval())
 
-    async def stop(self, final_sync_timeout: float = 10.0) -> None:
-        """Cancel the loop, then send the final aggregates (bounded in time)."""
-        if self._task is not None:
-            self._task.cancel()
+    async def _run_checkpoints(self) -> None:
+        while True:
+            await asyncio.sleep(self._checkpoint_interval)
+            try:
+                await self.checkpoint_once()
+            except Exception:
+                log.exception("checkpoint failed")
+
+    async def stop(
+        self, final_sync_timeout: float = 10.0, hurry: asyncio.Event | None = None
+    ) -> None:
+        """Cancel the loops, spool the final aggregates, deliver (bounded in time).
+
+        When `hurry` is set (a second signal), delivery is abandoned; the
+        spooled payloads go out at the next start.
+        """
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        try:
-            await asyncio.wait_for(self.sync_once(), final_sync_timeout)
-        except TimeoutError:
+                await task
+        self._tasks = []
+        await self.close_interval()
+        delivery = asyncio.ensure_future(self.deliver())
+        waiters: set[asyncio.Future[Any]] = {delivery}
+        if hurry is not None:
+            waiters.add(asyncio.ensure_future(hurry.wait()))
+        done, _ = await asyncio.wait(
+            waiters, timeout=final_sync_timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        for fut in waiters:
+            if not fut.done():
+                fut.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await fut
+        if delivery not in done:
             log.error(
-                "final sync did not finish within %.0f s; %d payload(s) not delivered",
+                "final sync not delivered within %.0f s; %d payload(s) stay spooled in %s "
+                "for the next start",
                 final_sync_timeout,
-                len(self._queue),
+                self.queued,
+                self.spool.directory,
             )
         await self.transport.close()
 
     def _resources(self) -> dict[str, Any] | None:
+        if self.last_sync is None:
+            # Like the official clients: no reading at the first sync, since the CPU
+            # counter was primed only moments ago and would report noise.
+            return None
         try:
             return {
                 "cpu_percent": self._process.cpu_percent(),
@@ -113,23 +194,61 @@ class HubSync:
         except psutil.Error:
             return None
 
+    async def checkpoint_once(self) -> None:
+        """Write the open interval's aggregates to disk (skipped while empty)."""
+        async with self._state_lock:
+            aggregates = self._source.peek()
+            if not any(aggregates[k] for k in AGGREGATE_KEYS):
+                return
+            payload = sync_payload(
+                self.instance_uuid, aggregates, None, message_uuid=self._next_message_uuid
+            )
+            await self._io(self.spool.write_checkpoint, payload)
+
+    async def close_interval(self) -> None:
+        """Turn the open interval into a durable payload and start a new interval."""
+        async with self._state_lock:
+            aggregates = self._source.get_and_reset()
+            payload = sync_payload(
+                self.instance_uuid,
+                aggregates,
+                self._resources(),
+                message_uuid=self._next_message_uuid,
+            )
+            self._next_message_uuid = str(uuid.uuid4())
+            if self.stopped:
+                return
+            try:
+                await self._io(self._spool_payload, payload)
+            except OSError as exc:
+                log.error("cannot write to the spool (%s); keeping the payload in memory", exc)
+                self._unspooled.append(payload)
+            self.queued += 1
+
+    def _spool_payload(self, payload: dict[str, Any]) -> None:
+        self.spool.put(payload)
+        self.spool.clear_checkpoint()
+
     async def sync_once(self) -> None:
-        """Queue the current aggregates and deliver whatever the queue holds."""
-        async with self._lock:
-            aggregates = self._aggregates()
-            if not self.stopped:
-                self._queue.append(
-                    (time.time(), sync_payload(self.instance_uuid, aggregates, self._resources()))
-                )
-            await self._deliver()
-            self.last_sync = time.time()
-            for hook in self._after_sync:
-                if self.stopped:
-                    break
-                try:
-                    await hook()
-                except Exception:
-                    log.exception("after-sync delivery failed; will retry at the next sync")
+        """Close the interval, deliver everything waiting, run the after-sync hooks."""
+        await self.close_interval()
+        await self.deliver()
+        self.last_sync = time.time()
+        for hook in self._after_sync:
+            if self.stopped:
+                break
+            try:
+                await hook()
+            except Exception:
+                log.exception("after-sync delivery failed; will retry at the next sync")
+
+    async def deliver(self) -> None:
+        """Send startup data (until accepted), then spooled payloads, oldest first."""
+        async with self._deliver_lock:
+            try:
+                await self._deliver()
+            finally:
+                self.queued = len(self._unspooled) + len(await self._io(self.spool.entries))
 
     async def _deliver(self) -> None:
         if self.stopped:
@@ -141,27 +260,40 @@ class HubSync:
                 return
             if outcome is not Outcome.RETRY:
                 self._startup_pending = None
-        cutoff = time.time() - self._max_age
-        while self._queue:
-            created, payload = self._queue[0]
-            if created < cutoff:
-                self._queue.popleft()
-                self.dropped_expired += 1
-                log.warning("dropped a sync payload older than %.0f s", self._max_age)
-                continue
-            outcome = await self.transport.send("sync", payload)
-            if outcome is Outcome.RETRY:
-                return  # keep it (and everything after it) for the next sync
-            if outcome is Outcome.STOP:
-                self._stop()
+        while self._unspooled:
+            if not await self._send_one(self._unspooled[0]):
                 return
-            self._queue.popleft()
-            if outcome is Outcome.REJECTED:
-                self.dropped_rejected += 1
-            else:
-                self.sent += 1
+            self._unspooled.pop(0)
+        await self._io(self.spool.drop_expired)
+        for entry in await self._io(self.spool.entries):
+            payload = await self._io(self.spool.load, entry)
+            if payload is None:
+                continue
+            if not await self._send_one(payload):
+                return
+            await self._io(self.spool.remove, entry)
+
+    async def _send_one(self, payload: dict[str, Any]) -> bool:
+        """True when the payload is done with (accepted or rejected for good)."""
+        if time.time() - payload.get("timestamp", time.time()) > self.spool.max_age:
+            self.spool.dropped_expired += 1
+            log.warning("dropped a sync payload older than %.0f s", self.spool.max_age)
+            return True
+        outcome = await self.transport.send("sync", payload)
+        if outcome is Outcome.RETRY:
+            return False  # keep it (and everything after it) for the next sync
+        if outcome is Outcome.STOP:
+            self._stop()
+            return False
+        if outcome is Outcome.REJECTED:
+            self.dropped_rejected += 1
+        else:
+            self.sent += 1
+        return True
 
     def _stop(self) -> None:
+        # 404: the hub does not know this client id. Spooled payloads stay on disk
+        # (bounded by age and size) in case the id is fixed and the proxy restarted.
         self.stopped = True
-        self._queue.clear()
         self._startup_pending = None
+        self._unspooled.clear()

@@ -68,11 +68,16 @@ class ConsumerRegistry:
             self._known[ident] = (name, group)
             self._updated.add(ident)
 
-    def get_and_reset_updated_consumers(self) -> list[dict[str, Any]]:
-        """The `consumers` list of a sync payload: new or changed since the last call."""
+    def peek_updated_consumers(self) -> list[dict[str, Any]]:
+        """New or changed consumers so far, without marking them reported."""
         out = []
         for ident in self._updated:
             name, group = self._known[ident]
             out.append({"identifier": ident, "name": name, "group": group})
+        return out
+
+    def get_and_reset_updated_consumers(self) -> list[dict[str, Any]]:
+        """The `consumers` list of a sync payload: new or changed since the last call."""
+        out = self.peek_updated_consumers()
         self._updated = set()
         return out

@@ -71,6 +71,15 @@ class Meter:
             ex.response_size,
         )
 
+    def peek(self) -> dict[str, Any]:
+        """The aggregates of the open interval, leaving them in place (for checkpoints)."""
+        return {
+            "requests": self.requests.peek_requests(),
+            "validation_errors": [],
+            "server_errors": [],
+            "consumers": self.consumers.peek_updated_consumers(),
+        }
+
     def get_and_reset(self) -> dict[str, Any]:
         """The aggregate part of a sync payload; the meter starts a new interval."""
         return {

@@ -88,10 +88,18 @@ class RequestCounter:
         """Requests recorded since the last reset."""
         return sum(a.count for a in self._aggregates.values())
 
+    def peek_requests(self) -> list[dict[str, Any]]:
+        """The `requests` rows so far, leaving the counter as it is (for checkpoints)."""
+        return self._rows(self._aggregates)
+
     def get_and_reset_requests(self) -> list[dict[str, Any]]:
         """The `requests` list of a sync payload; the counter starts empty again."""
         aggregates, self._aggregates = self._aggregates, {}
         self._consumers = set()
+        return self._rows(aggregates)
+
+    @staticmethod
+    def _rows(aggregates: dict[RequestKey, _Aggregate]) -> list[dict[str, Any]]:
         return [
             {
                 "consumer": consumer,

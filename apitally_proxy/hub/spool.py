@@ -1,0 +1,171 @@
+"""The on-disk spool: every sync payload is durable before it is sent.
+
+Layout (one directory per instance slot):
+
+    <dir>/<created_ns>-<message_uuid>.json   payloads waiting for the hub, oldest first
+    <dir>/checkpoint.json                    the open interval's aggregates so far
+
+Each file is written to a temporary name, fsync'd and renamed, so a crash leaves
+either the old or the new version, never half a file. A payload file is removed
+only after the hub has answered for it. The checkpoint is rewritten about every
+second; after a crash it becomes a payload of its own (unless the payload it was
+about to become had already been spooled), so a SIGKILL loses at most the last
+second of counts.
+
+All methods block on disk I/O: call them from a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+log = logging.getLogger("apitally_proxy.hub")
+
+CHECKPOINT = "checkpoint.json"
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolEntry:
+    path: Path
+    created: float  # seconds since the epoch
+    message_uuid: str
+    size: int
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+class Spool:
+    """Durable FIFO of sync payloads, bounded in bytes and age."""
+
+    def __init__(self, directory: Path, max_bytes: int = 100_000_000, max_age: float = 3600.0):
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.max_age = max_age
+        self.dropped_full = 0
+        self.dropped_expired = 0
+        directory.mkdir(parents=True, exist_ok=True)
+        # Leftovers of writes a crash interrupted.
+        for tmp in directory.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+    def entries(self) -> list[SpoolEntry]:
+        """Waiting payloads, oldest first."""
+        out = []
+        for path in self.directory.glob("*-*.json"):
+            stem = path.stem
+            created_ns, _, message_uuid = stem.partition("-")
+            try:
+                created = int(created_ns) / 1e9
+                size = path.stat().st_size
+            except (ValueError, OSError):
+                continue
+            out.append(SpoolEntry(path, created, message_uuid, size))
+        out.sort(key=lambda e: e.path.name)
+        return out
+
+    def put(self, payload: dict[str, Any]) -> SpoolEntry:
+        """Make a payload durable; enforce the byte bound by dropping the oldest."""
+        data = orjson.dumps(payload)
+        created_ns = time.time_ns()
+        path = self.directory / f"{created_ns:020d}-{payload['message_uuid']}.json"
+        _write_atomic(path, data)
+        self._enforce_bounds()
+        return SpoolEntry(path, created_ns / 1e9, payload["message_uuid"], len(data))
+
+    def load(self, entry: SpoolEntry) -> dict[str, Any] | None:
+        try:
+            return orjson.loads(entry.path.read_bytes())
+        except (OSError, orjson.JSONDecodeError) as exc:
+            log.error("spooled payload %s is unreadable (%s); dropping it", entry.path, exc)
+            self.remove(entry)
+            return None
+
+    def remove(self, entry: SpoolEntry) -> None:
+        entry.path.unlink(missing_ok=True)
+
+    def drop_expired(self, now: float | None = None) -> int:
+        cutoff = (now or time.time()) - self.max_age
+        dropped = 0
+        for entry in self.entries():
+            if entry.created >= cutoff:
+                break
+            self.remove(entry)
+            dropped += 1
+        if dropped:
+            self.dropped_expired += dropped
+            log.warning(
+                "dropped %d spooled payload(s) older than %.0f s (hub unreachable too long)",
+                dropped,
+                self.max_age,
+            )
+        return dropped
+
+    def _enforce_bounds(self) -> None:
+        entries = self.entries()
+        total = sum(e.size for e in entries)
+        dropped = 0
+        while total > self.max_bytes and len(entries) > 1:
+            oldest = entries.pop(0)
+            self.remove(oldest)
+            total -= oldest.size
+            dropped += 1
+        if dropped:
+            self.dropped_full += dropped
+            log.error(
+                "spool over %d bytes: dropped the %d oldest payload(s); metrics were lost "
+                "(raise spool_max_bytes or fix hub connectivity)",
+                self.max_bytes,
+                dropped,
+            )
+
+    @property
+    def bytes(self) -> int:
+        return sum(e.size for e in self.entries())
+
+    # The open interval's checkpoint.
+
+    def write_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        _write_atomic(self.directory / CHECKPOINT, orjson.dumps(checkpoint))
+
+    def clear_checkpoint(self) -> None:
+        (self.directory / CHECKPOINT).unlink(missing_ok=True)
+
+    def recover_checkpoint(self) -> dict[str, Any] | None:
+        """The checkpoint a crashed process left, unless its payload was already spooled."""
+        path = self.directory / CHECKPOINT
+        try:
+            checkpoint = orjson.loads(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, orjson.JSONDecodeError) as exc:
+            log.error("checkpoint %s is unreadable (%s); ignoring it", path, exc)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return None
+        spooled = {e.message_uuid for e in self.entries()}
+        if checkpoint.get("message_uuid") in spooled:
+            self.clear_checkpoint()
+            return None
+        return checkpoint
