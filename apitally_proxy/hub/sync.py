@@ -131,7 +131,10 @@ class HubSync:
     async def _run_syncs(self) -> None:
         while True:
             try:
-                await self.sync_once()
+                # Shielded: a stop() arriving mid-delivery must not cut between the hub
+                # accepting a payload and its removal from the spool (it would be sent
+                # twice); stop() waits for this delivery through the delivery lock.
+                await asyncio.shield(self.sync_once())
             except Exception:
                 log.exception("sync failed; will retry at the next interval")
             await asyncio.sleep(self.interval())
