@@ -20,6 +20,8 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from apitally_proxy.routes import parse_declared
+
 DEFAULT_HUB_URL = "https://hub.apitally.io"
 ENV_PATTERN = re.compile(r"^[\w-]{1,32}$")
 FRAMEWORKS = ("starlette", "fastapi", "flask", "litestar", "fastify")
@@ -281,6 +283,16 @@ class Settings(BaseSettings):
     max_templates_per_method: int = _setting(
         1000, ge=1, description="distinct heuristic path templates per method before overflow"
     )
+    routes: list[str] = _setting(
+        [],
+        description='declared routes, e.g. "GET /items/{id}", "/items/<int:id>", "POST /a/:id"',
+    )
+    openapi_refresh: float = _setting(
+        300.0,
+        env="APITALLY_PROXY_OPENAPI_REFRESH",
+        gt=0,
+        description="seconds between re-reads of the app's OpenAPI document",
+    )
     max_consumers: int = _setting(10_000, ge=1)
     hub_timeout: float = _setting(10.0, gt=0)
     queue_max_age: float = _setting(
@@ -347,6 +359,13 @@ class Settings(BaseSettings):
     def _check_trusted(cls, v: list[str]) -> list[str]:
         for item in v:
             ipaddress.ip_network(item, strict=False)
+        return v
+
+    @field_validator("routes")
+    @classmethod
+    def _check_routes(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            parse_declared(entry)
         return v
 
     @field_validator("client_id", "app_version", "openapi_url", mode="before")

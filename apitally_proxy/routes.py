@@ -1,19 +1,34 @@
 """Path → route template.
 
-First cut: heuristics. Id-like segments (integers, UUIDs, long hex, ULIDs,
-long mixed tokens) become parameters, so `/items/42` and `/items/43` are one
-endpoint. A per-method cap on distinct templates keeps hostile random paths
-from growing memory: past it, paths go to one overflow bucket, and the
-overflow is counted.
+Two ways to get there:
+
+- A known route set (the app's OpenAPI document, or routes declared in the
+  config file) compiled into a `RouteTable`: a segment trie walked once per
+  request. Literal segments beat parameters, a path that matches no route is
+  `None` (not counted, like the official clients).
+- Without any route source, heuristics: id-like segments (integers, UUIDs, long
+  hex, ULIDs, long mixed tokens) become parameters, so `/items/42` and
+  `/items/43` are one endpoint. A per-method cap on distinct templates keeps
+  hostile random paths from growing memory: past it, paths go to one overflow
+  bucket, and the overflow is counted.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from urllib.parse import unquote
 
 OVERFLOW_TEMPLATE = "/{overflow}"
 MAX_PATH_LENGTH = 2048
 MAX_SEGMENTS = 32
+# A route table larger than this is cut (with a warning by whoever builds it):
+# real apps have hundreds of routes, not tens of thousands.
+MAX_ROUTES = 5000
+MAX_TEMPLATE_LENGTH = 1024
+
+METHODS = ("GET", "PUT", "POST", "DELETE", "OPTIONS", "HEAD", "PATCH", "TRACE")
 
 _ID_SEGMENT = re.compile(
     r"""
@@ -44,18 +59,368 @@ def template_segments(path: str) -> str:
     return "/".join(segments) or "/"
 
 
-class RouteResolver:
-    """Resolves request paths to templates; remembers results within bounds."""
+# --- Templates in any framework's spelling ---------------------------------
 
-    def __init__(self, max_templates_per_method: int = 1000, cache_size: int = 10_000) -> None:
+# Canonical parameter kinds, and what each framework's converter names mean.
+_KIND_ALIASES = {
+    "str": "str",
+    "string": "str",
+    "default": "str",
+    "int": "int",
+    "integer": "int",
+    "float": "float",
+    "number": "float",
+    "decimal": "float",
+    "uuid": "uuid",
+    "path": "path",
+}
+
+# What a typed parameter accepts, as the routers check it before calling the app.
+_KIND_CHECKS: dict[str, Callable[[str], bool]] = {
+    "int": re.compile(r"-?[0-9]+").fullmatch,  # type: ignore[dict-item]
+    "float": re.compile(r"-?[0-9]+(\.[0-9]+)?").fullmatch,  # type: ignore[dict-item]
+    "uuid": re.compile(
+        r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
+    ).fullmatch,  # type: ignore[dict-item]
+}
+
+# {name} / {name:kind} (Starlette, FastAPI, Litestar, OpenAPI), <name> / <conv:name> /
+# <conv(args):name> (Flask), :name / :name(regex) (Fastify), * (Fastify wildcard).
+_BRACE = r"\{(?P<b_name>[A-Za-z_][\w.\-]*)(?::(?P<b_kind>[A-Za-z_]\w*))?\}"
+_ANGLE = r"<(?:(?P<a_kind>[A-Za-z_]\w*)(?:\([^)<>]*\))?:)?(?P<a_name>[A-Za-z_]\w*)>"
+_COLON = r"(?<![^/\-.])\:(?P<c_name>[A-Za-z_]\w*)(?:\((?P<c_rx>[^)]*)\))?"
+_PARAM = re.compile(f"{_BRACE}|{_ANGLE}|{_COLON}")
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """A whole-segment parameter; `kind` is None when the route does not type it."""
+
+    name: str
+    kind: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Pattern:
+    """A segment mixing literal text and parameters, e.g. `{name}.json`."""
+
+    source: str
+    regex: re.Pattern[str]
+
+
+Segment = str | Param | Pattern
+
+
+def parse_template(template: str) -> list[Segment]:
+    """Split a route template in any supported spelling into segments.
+
+    Raises ValueError with a reason when the template is unusable.
+    """
+    template = template.strip()
+    if not template.startswith("/"):
+        raise ValueError(f"route {template!r} must start with '/'")
+    if len(template) > MAX_TEMPLATE_LENGTH:
+        raise ValueError(f"route of {len(template)} characters is too long")
+    parts = template.split("/")[1:]
+    if len(parts) > MAX_SEGMENTS:
+        raise ValueError(f"route {template!r} has more than {MAX_SEGMENTS} segments")
+    segments: list[Segment] = []
+    for i, part in enumerate(parts):
+        if part == "*" and i == len(parts) - 1:
+            segments.append(Param("*", "path"))
+            continue
+        m = _PARAM.fullmatch(part)
+        if m is not None and not m.group("c_rx"):
+            name = m.group("b_name") or m.group("a_name") or m.group("c_name")
+            raw_kind = m.group("b_kind") or m.group("a_kind")
+            kind = _KIND_ALIASES.get(raw_kind.lower(), raw_kind.lower()) if raw_kind else None
+            segments.append(Param(name, kind))
+        elif _PARAM.search(part) is not None:
+            segments.append(Pattern(part, _segment_regex(part)))
+        else:
+            segments.append(unquote(part))
+    return segments
+
+
+def _segment_regex(part: str) -> re.Pattern[str]:
+    out = []
+    pos = 0
+    for m in _PARAM.finditer(part):
+        out.append(re.escape(part[pos : m.start()]))
+        rx = m.group("c_rx")
+        kind = (m.group("b_kind") or m.group("a_kind") or "").lower()
+        if rx:
+            out.append(f"(?:{rx})")
+        elif _KIND_ALIASES.get(kind) == "int":
+            out.append("-?[0-9]+")
+        else:
+            out.append("[^/]+?")
+        pos = m.end()
+    out.append(re.escape(part[pos:]))
+    try:
+        return re.compile("".join(out))
+    except re.error as exc:
+        raise ValueError(f"route segment {part!r} has a bad pattern: {exc}") from None
+
+
+# --- Spelling: templates as each framework writes them ---------------------
+
+# Litestar requires a type on every path parameter.
+_LITESTAR_KINDS = {"int": "int", "float": "float", "uuid": "uuid", "path": "path"}
+_FLASK_KINDS = {"int": "int", "float": "float", "uuid": "uuid", "path": "path"}
+
+
+def spell(segments: Iterable[Segment], framework: str | None) -> str:
+    """The template as `framework`'s router spells it (OpenAPI's `{name}` when unknown)."""
+    out = []
+    for seg in segments:
+        if isinstance(seg, str):
+            out.append(seg)
+        elif isinstance(seg, Pattern):
+            out.append(seg.source)
+        elif framework == "litestar":
+            out.append(f"{{{seg.name}:{_LITESTAR_KINDS.get(seg.kind or '', seg.kind or 'str')}}}")
+        elif framework == "flask":
+            conv = _FLASK_KINDS.get(seg.kind or "")
+            out.append(f"<{conv}:{seg.name}>" if conv else f"<{seg.name}>")
+        elif framework == "fastify":
+            out.append("*" if seg.kind == "path" and seg.name == "*" else f":{seg.name}")
+        elif framework in ("starlette", "fastapi") and seg.kind == "path":
+            out.append(f"{{{seg.name}:path}}")
+        else:
+            out.append(f"{{{seg.name}}}")
+    return "/" + "/".join(out)
+
+
+def paths_method(method: str, framework: str | None) -> str:
+    """Startup `paths` method case: lower for Starlette/FastAPI, upper elsewhere."""
+    return method.lower() if framework in ("starlette", "fastapi") else method.upper()
+
+
+# --- The compiled matcher --------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One route: `method` None matches any method; `template` is what gets reported."""
+
+    method: str | None
+    template: str
+    segments: tuple[Segment, ...]
+
+
+class _Node:
+    __slots__ = ("literals", "methods", "params", "patterns", "rest")
+
+    def __init__(self) -> None:
+        self.literals: dict[str, _Node] = {}
+        # (check or None, child); typed parameters are tried before untyped ones.
+        self.params: list[tuple[Callable[[str], object] | None, _Node]] = []
+        self.patterns: list[tuple[Callable[[str], object], _Node]] = []
+        self.methods: dict[str, str] | None = None  # method ("*" = any) → template
+        self.rest: dict[str, str] | None = None  # catch-all parameter ending here
+
+
+@dataclass(frozen=True, slots=True)
+class MatchRules:
+    """How the app's router treats paths, per framework."""
+
+    # Litestar ignores a trailing slash; Starlette/FastAPI/Flask/Fastify redirect or 404.
+    strict_slash: bool = True
+    # Starlette (plain routes), Flask and Fastify answer HEAD on GET routes.
+    head_from_get: bool = True
+    # Fastify splits the raw path and decodes each segment (an encoded '/' stays
+    # inside its segment); the Python frameworks decode the whole path first.
+    decode_per_segment: bool = False
+
+    @classmethod
+    def for_framework(cls, framework: str | None) -> MatchRules:
+        if framework == "litestar":
+            return cls(strict_slash=False, head_from_get=False)
+        if framework == "fastapi":
+            return cls(head_from_get=False)
+        if framework == "fastify":
+            return cls(decode_per_segment=True)
+        if framework in ("starlette", "flask"):
+            return cls()
+        # Unknown app: lean towards counting rather than dropping.
+        return cls(strict_slash=False)
+
+
+class RouteTable:
+    """A compiled set of routes: `match(method, path)` walks a segment trie."""
+
+    def __init__(self, routes: Iterable[Route], rules: MatchRules | None = None) -> None:
+        self.rules = rules or MatchRules()
+        self.routes: list[Route] = []
+        self._root = _Node()
+        seen: set[tuple[str | None, tuple[Segment, ...]]] = set()
+        for route in routes:
+            segs = route.segments
+            if not self.rules.strict_slash and segs and segs[-1] == "" and len(segs) > 1:
+                segs = segs[:-1]
+            key = (route.method, segs)
+            if key in seen:  # the first spelling of a route wins
+                continue
+            seen.add(key)
+            self.routes.append(route)
+            self._insert(segs, route.method or "*", route.template)
+
+    def __len__(self) -> int:
+        return len(self.routes)
+
+    def _insert(self, segs: tuple[Segment, ...], method: str, template: str) -> None:
+        node = self._root
+        for i, seg in enumerate(segs):
+            if isinstance(seg, str):
+                node = node.literals.setdefault(seg, _Node())
+                continue
+            if isinstance(seg, Pattern):
+                node = _child(node.patterns, seg.regex.fullmatch)
+                continue
+            if seg.kind == "path" and i == len(segs) - 1:
+                if node.rest is None:
+                    node.rest = {}
+                node.rest.setdefault(method, template)
+                return
+            check = _KIND_CHECKS.get(seg.kind or "")
+            node = _child(node.params, check)
+        if node.methods is None:
+            node.methods = {}
+        node.methods.setdefault(method, template)
+
+    def match(self, method: str, path: str) -> str | None:
+        """The template of the route serving `method path` (raw path), or None."""
+        rules = self.rules
+        if "%" in path:
+            if rules.decode_per_segment:
+                segs = [unquote(s) for s in path.split("/")]
+            else:
+                segs = unquote(path).split("/")
+        else:
+            segs = path.split("/")
+        if not rules.strict_slash and len(segs) > 2 and segs[-1] == "":
+            segs.pop()
+        if len(segs) > MAX_SEGMENTS + 2:
+            return None
+        found = _walk(self._root, segs, 1, method)
+        if found is None and method == "HEAD" and rules.head_from_get:
+            found = _walk(self._root, segs, 1, "GET")
+            if found is not None:
+                return found
+        return found
+
+    def paths(self, framework: str | None = None) -> list[dict[str, str]]:
+        """Routes in the startup payload's `paths` shape (routes without a method are left out)."""
+        out = []
+        for r in self.routes:
+            if r.method is None or r.method in ("HEAD", "OPTIONS"):
+                continue
+            out.append({"method": paths_method(r.method, framework), "path": r.template})
+        return out
+
+
+def _child(children: list, check: Callable[[str], object] | None) -> _Node:
+    for existing, node in children:
+        if existing is check:
+            return node
+    node = _Node()
+    children.append((check, node))
+    # Typed (checked) parameters first: `{id:int}` beats `{slug}` for "42".
+    children.sort(key=lambda pair: pair[0] is None)
+    return node
+
+
+def _walk(node: _Node, segs: list[str], i: int, method: str) -> str | None:
+    if i == len(segs):
+        methods = node.methods
+        if methods is not None:
+            found = methods.get(method) or methods.get("*")
+            if found is not None:
+                return found
+        rest = node.rest
+        if rest is not None:  # a catch-all also matches nothing at all
+            return rest.get(method) or rest.get("*")
+        return None
+    seg = segs[i]
+    child = node.literals.get(seg)
+    if child is not None:
+        found = _walk(child, segs, i + 1, method)
+        if found is not None:
+            return found
+    if seg:
+        for check, child in node.params:
+            if check is None or check(seg):
+                found = _walk(child, segs, i + 1, method)
+                if found is not None:
+                    return found
+        for check, child in node.patterns:
+            if check(seg):
+                found = _walk(child, segs, i + 1, method)
+                if found is not None:
+                    return found
+    rest = node.rest
+    if rest is not None:
+        return rest.get(method) or rest.get("*")
+    return None
+
+
+def parse_declared(entry: str) -> list[Route]:
+    """One `routes` config entry: `"[METHOD[,METHOD…]] /template"` → routes.
+
+    Raises ValueError naming what is wrong with the entry.
+    """
+    text = entry.strip()
+    methods: list[str | None] = [None]
+    if text and not text.startswith("/"):
+        head, _, text = text.partition(" ")
+        text = text.strip()
+        methods = []
+        for m in re.split(r"[,|]", head):
+            m = m.strip().upper()
+            if m not in METHODS:
+                raise ValueError(f"route {entry!r}: {m or head!r} is not an HTTP method")
+            methods.append(m)
+    segments = tuple(parse_template(text))
+    return [Route(m, text, segments) for m in methods]
+
+
+def declared_routes(entries: Iterable[str]) -> list[Route]:
+    """All `routes` entries of the config file, in order."""
+    return [route for entry in entries for route in parse_declared(entry)]
+
+
+# --- The resolver the meter calls ------------------------------------------
+
+
+class RouteResolver:
+    """Resolves request paths to templates: the route table when known, else heuristics."""
+
+    def __init__(
+        self, max_templates_per_method: int = 1000, cache_size: int = 10_000, base_path: str = ""
+    ) -> None:
         self._max_templates = max_templates_per_method
         self._cache_size = cache_size
         self._cache: dict[str, str] = {}
         self._templates: dict[str, set[str]] = {}
+        # The app sees base_path + path (the upstream URL's prefix), and its routes say so.
+        self._base_path = base_path
+        self.table: RouteTable | None = None
+        self.framework: str | None = None
         self.overflow = 0
 
-    def resolve(self, method: str, path: str) -> str:
-        """The template to count this request under."""
+    def use_table(self, table: RouteTable | None, framework: str | None = None) -> bool:
+        """Switch to a route table (None: back to heuristics); True if `paths()` changed."""
+        before = self.paths()
+        self.table = table
+        self.framework = framework
+        return self.paths() != before
+
+    def resolve(self, method: str, path: str) -> str | None:
+        """The template to count this request under; None when a known route set has none."""
+        table = self.table
+        if table is not None:
+            return table.match(method, self._base_path + path if self._base_path else path)
         template = self._cache.get(path)
         if template is None:
             template = template_segments(path)
@@ -73,9 +438,36 @@ class RouteResolver:
         return template
 
     def paths(self) -> list[dict[str, str]]:
-        """Templates seen so far, in the startup payload's `paths` shape."""
+        """The route set (or templates seen so far), in the startup payload's `paths` shape."""
+        if self.table is not None:
+            return self.table.paths(self.framework)
         return [
             {"method": method, "path": template}
             for method, templates in sorted(self._templates.items())
             for template in sorted(templates)
         ]
+
+
+class RouteOverrides:
+    """Vets `X-Apitally-Route` values from the app; distinct values per method are capped."""
+
+    def __init__(self, max_per_method: int = 1000) -> None:
+        self._max = max_per_method
+        self._seen: dict[str, set[str]] = {}
+        self.overflow = 0
+
+    def accept(self, method: str, value: str) -> str | None:
+        """The template to count under, or None when the value is not a usable template."""
+        value = value.strip()
+        if not value.startswith("/") or len(value) > MAX_TEMPLATE_LENGTH:
+            return None
+        seen = self._seen.get(method)
+        if seen is None:
+            seen = self._seen[method] = set()
+        if value not in seen:
+            # An app that puts raw paths here must not grow memory without bound.
+            if len(seen) >= self._max:
+                self.overflow += 1
+                return OVERFLOW_TEMPLATE
+            seen.add(value)
+        return value

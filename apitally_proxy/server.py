@@ -11,15 +11,16 @@ from typing import Any
 from aiohttp import web
 
 from apitally_proxy.admin import build_admin_app
-from apitally_proxy.config import ConfigError, Settings
+from apitally_proxy.config import CLIENT_TAGS, FRAMEWORKS, ConfigError, Settings
 from apitally_proxy.hub.instance import acquire_instance
 from apitally_proxy.hub.payloads import startup_payload
 from apitally_proxy.hub.spool import Spool
 from apitally_proxy.hub.sync import HubSync
 from apitally_proxy.hub.transport import HubTransport, LocalTransport, Transport
 from apitally_proxy.metering import Meter
+from apitally_proxy.openapi import RouteDiscovery, RouteSet
 from apitally_proxy.proxy import ReverseProxy
-from apitally_proxy.routes import RouteResolver
+from apitally_proxy.routes import MatchRules, RouteResolver, RouteTable, declared_routes
 
 log = logging.getLogger("apitally_proxy")
 
@@ -31,7 +32,26 @@ class Worker:
         self.settings = settings
         self.slot = slot
         self.lease = acquire_instance(settings.state_dir, settings.client_id, settings.env, slot)
-        self.routes = RouteResolver(settings.max_templates_per_method)
+        self.routes = RouteResolver(
+            settings.max_templates_per_method, base_path=settings.upstream_target.base_path
+        )
+        self._openapi: str | None = None
+        framework = settings.framework if settings.framework in FRAMEWORKS else None
+        declared = declared_routes(settings.routes)
+        if declared:  # in force from the first request; a document found later adds to them
+            self.routes.use_table(
+                RouteTable(declared, MatchRules.for_framework(framework)), framework
+            )
+        self.discovery = RouteDiscovery(
+            settings.upstream_target,
+            settings.openapi_url,
+            framework,
+            settings.framework == "auto",
+            declared,
+            self._routes_changed,
+            refresh=settings.openapi_refresh,
+            upstream_trouble=lambda: sum(self.proxy.upstream_errors.values()),
+        )
         self.meter = Meter(self.routes, max_consumers=settings.max_consumers)
         self.proxy = ReverseProxy(settings, self.meter.record)
         self.transport = self._make_transport()
@@ -66,7 +86,19 @@ class Worker:
 
     def _startup_payload(self, instance_uuid: str) -> dict[str, Any]:
         s = self.settings
-        return startup_payload(instance_uuid, self.routes.paths(), s.client_tag, s.app_version)
+        client_tag = CLIENT_TAGS.get(self.routes.framework or "") or s.client_tag
+        return startup_payload(
+            instance_uuid, self.routes.paths(), client_tag, s.app_version, self._openapi
+        )
+
+    def _routes_changed(self, route_set: RouteSet) -> None:
+        """A new route set was compiled: use it, and re-announce if what the hub knows changed."""
+        changed = self.routes.use_table(route_set.table, route_set.framework)
+        if route_set.openapi != self._openapi:
+            self._openapi = route_set.openapi
+            changed = True
+        if changed:
+            self.sync.announce()
 
     def status(self) -> dict[str, Any]:
         """Live state for the admin endpoints."""
@@ -83,6 +115,12 @@ class Worker:
             "requests_by_status": dict(self.meter.status_counts),
             "unmatched": self.meter.unmatched,
             "route_overflow": self.routes.overflow,
+            "routes": {
+                "source": self.discovery.source,
+                "count": len(self.routes.table) if self.routes.table is not None else None,
+                "framework": self.routes.framework,
+                "problem": self.discovery.last_error,
+            },
             "consumer_overflow": self.meter.requests.consumer_overflow,
             "in_flight": self.proxy.in_flight,
             "upstream_errors": dict(self.proxy.upstream_errors),
@@ -146,6 +184,10 @@ class Worker:
                 log.error("cannot listen on admin address %s (%s); admin disabled", admin, exc)
                 await self._admin_runner.cleanup()
                 self._admin_runner = None
+        # Traffic already flows; give the first route discovery a moment so the first
+        # startup message carries the app's paths instead of a quick re-announce.
+        self.discovery.start()
+        await self.discovery.first_round(timeout=2.0)
         await self.sync.start()
         self.ready = True
         mode = "hub " + s.hub_url if s.hub_enabled else f"local mode ({self.transport.path})"  # type: ignore[attr-defined]
@@ -175,6 +217,7 @@ class Worker:
             for fut in waiters:
                 if not fut.done():
                     fut.cancel()
+        await self.discovery.stop()
         await self.proxy.close()
         await self.sync.stop(hurry=hurry)
         if self._admin_runner is not None:

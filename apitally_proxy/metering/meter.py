@@ -6,10 +6,12 @@ from typing import Any, Protocol
 
 from apitally_proxy.metering.consumers import ConsumerRegistry, parse_consumer
 from apitally_proxy.metering.requests import RequestCounter
+from apitally_proxy.routes import RouteOverrides
 
 HEADER_CONSUMER = "x-apitally-consumer"
 HEADER_CONSUMER_NAME = "x-apitally-consumer-name"
 HEADER_CONSUMER_GROUP = "x-apitally-consumer-group"
+HEADER_ROUTE = "x-apitally-route"
 
 
 class Observed(Protocol):
@@ -35,6 +37,7 @@ class Meter:
         self.resolver = resolver
         self.requests = RequestCounter(max_consumers=max_consumers)
         self.consumers = ConsumerRegistry(max_size=max_consumers)
+        self.route_overrides = RouteOverrides()
         # Lifetime figures for the admin endpoint (never reset).
         self.recorded = 0
         self.unmatched = 0
@@ -46,7 +49,12 @@ class Meter:
         self.status_counts[ex.status] = self.status_counts.get(ex.status, 0) + 1
         if ex.method == "OPTIONS":
             return
-        template = self.resolver.resolve(ex.method, ex.path)
+        headers = ex.apitally_headers
+        route = headers.get(HEADER_ROUTE) if headers is not None else None
+        # The app naming the route itself (X-Apitally-Route) wins over any route source.
+        template = (route is not None and self.route_overrides.accept(ex.method, route)) or (
+            self.resolver.resolve(ex.method, ex.path)
+        )
         if template is None:
             self.unmatched += 1
             return

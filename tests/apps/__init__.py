@@ -1,0 +1,1 @@
+"""Real framework apps the route-template tests run under uvicorn."""
