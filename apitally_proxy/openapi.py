@@ -52,6 +52,9 @@ MAX_DOCUMENT_BYTES = 8 * 1024 * 1024
 # YAML is parsed in pure Python: keep it smaller, and refuse alias bombs.
 MAX_YAML_BYTES = 2 * 1024 * 1024
 MAX_YAML_ALIASES = 1000
+# YAML aliases share objects; expanded (as JSON would write them) a few nested
+# aliases can mean billions of nodes. Count the expansion, up to this budget.
+MAX_EXPANDED_NODES = 2_000_000
 # The official clients send at most this much of the document as `openapi`.
 MAX_OPENAPI_STRING = 4_000_000
 FETCH_TIMEOUT = 5.0
@@ -110,6 +113,7 @@ def load_document(raw: bytes) -> tuple[dict[str, Any], str | None]:
             doc = yaml.load(raw, Loader=_BoundedYamlLoader)  # a SafeLoader subclass
         except (yaml.YAMLError, RecursionError) as exc:
             raise DocumentError(f"neither JSON nor YAML: {str(exc).splitlines()[0]}") from None
+        _check_expansion(doc)
     if not isinstance(doc, dict):
         raise DocumentError("not an OpenAPI document (top level is not an object)")
     if not (isinstance(doc.get("openapi"), str) or str(doc.get("swagger", "")).startswith("2")):
@@ -119,6 +123,23 @@ def load_document(raw: bytes) -> tuple[dict[str, Any], str | None]:
     if json_text is not None and len(json_text) > MAX_OPENAPI_STRING:
         json_text = None
     return doc, json_text
+
+
+def _check_expansion(doc: Any) -> None:
+    """Refuse YAML whose aliases expand past MAX_EXPANDED_NODES (bounded work)."""
+    budget = MAX_EXPANDED_NODES
+    stack = [doc]
+    while stack:
+        node = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise DocumentError(
+                f"YAML document expands to more than {MAX_EXPANDED_NODES} nodes (alias bomb?)"
+            )
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 def _prefix(doc: dict[str, Any]) -> str:

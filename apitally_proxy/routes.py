@@ -306,8 +306,6 @@ class RouteTable:
         found = _walk(self._root, segs, 1, method)
         if found is None and method == "HEAD" and rules.head_from_get:
             found = _walk(self._root, segs, 1, "GET")
-            if found is not None:
-                return found
         return found
 
     def paths(self, framework: str | None = None) -> list[dict[str, str]]:

@@ -20,9 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 class UvicornApp:
     """An ASGI app from tests/apps/ served by uvicorn in a child process on 127.0.0.1."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, port: int | None = None) -> None:
         self.target = target
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: asyncio.subprocess.Process | None = None
 
@@ -213,3 +213,31 @@ async def test_declared_routes_work_for_an_app_without_openapi(
     assert startup["paths"] == [{"method": "GET", "path": "/items/<int:id>"}]
     assert startup["client"] == "python:flask"
     assert "openapi" not in startup
+
+
+async def test_an_app_restarted_with_other_routes_is_re_read_and_re_announced(
+    hub, http, start_proxy, hub_args, fastapi_app
+):
+    proxy = await start_proxy(fastapi_app.url, *hub_args)
+    await wait_for_routes(proxy, "/openapi.json")
+    await fastapi_app.stop()
+    assert await get(http, proxy.url + "/items/1") == 502  # the proxy notices the app is gone
+    replacement = await UvicornApp("tests.apps.litestar_app:app", fastapi_app.port).start(
+        "/schema/openapi.json"
+    )
+    try:
+        await wait_for_routes(proxy, "/schema/openapi.json")
+        await hub.wait_for(
+            lambda: any(s["client"] == "python:litestar" for s in hub.accepted("startup"))
+        )
+        assert await get(http, proxy.url + "/items/5") == 200
+        assert await proxy.stop() == 0
+    finally:
+        await replacement.stop()
+    startups = hub.accepted("startup")
+    assert startups[0]["client"] == "python:fastapi"
+    assert {"method": "GET", "path": "/items/{item_id:int}"} in startups[-1]["paths"]
+    assert hub.request_counts() == {
+        (None, "GET", "/items/{item_id}", 502): 1,  # while the app was away
+        (None, "GET", "/items/{item_id:int}", 200): 1,
+    }
