@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -173,6 +173,47 @@ def default_state_dir() -> Path:
     return Path(base) / "apitally-proxy"
 
 
+class RequestLogSettings(BaseModel):
+    """The `[request_log]` table: what a logged request shows (when request_logging is on).
+
+    Patterns are case-insensitive regular expressions searched anywhere in the
+    name (or path, or user agent); they add to the built-in lists.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    log_query_params: bool = True
+    log_request_headers: bool = False
+    log_request_body: bool = False
+    log_response_headers: bool = True
+    log_response_body: bool = False
+    mask_query_params: list[str] = []
+    mask_headers: list[str] = []
+    mask_body_fields: list[str] = []
+    exclude_paths: list[str] = []
+    exclude_user_agents: list[str] = []
+    max_buffered_requests: int = Field(1000, ge=1)
+
+    @field_validator(
+        "mask_query_params",
+        "mask_headers",
+        "mask_body_fields",
+        "exclude_paths",
+        "exclude_user_agents",
+    )
+    @classmethod
+    def _check_patterns(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        for pattern in v:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(
+                    f"[request_log] {info.field_name} pattern {pattern!r} is not a valid "
+                    f"regular expression ({exc}); fix or remove it"
+                ) from None
+        return v
+
+
 class Settings(BaseSettings):
     """Everything the proxy can be told. Field docs double as --help text."""
 
@@ -239,6 +280,10 @@ class Settings(BaseSettings):
         flag="--request-logging",
         description="request logging on/off",
     )
+    request_log: RequestLogSettings = _setting(
+        RequestLogSettings(),
+        description="request log details ([request_log] table in the config file)",
+    )
     app_version: str | None = _setting(
         None,
         env="APITALLY_PROXY_APP_VERSION",
@@ -280,6 +325,9 @@ class Settings(BaseSettings):
     max_line_size: int = _setting(8190, ge=256)
     max_field_size: int = _setting(8190, ge=256)
     max_headers: int = _setting(128, ge=8)
+    max_header_bytes: int = _setting(
+        65536, ge=1024, description="total bytes of request header fields before 431"
+    )
     max_templates_per_method: int = _setting(
         1000, ge=1, description="distinct heuristic path templates per method before overflow"
     )

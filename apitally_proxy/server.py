@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -11,15 +12,17 @@ from typing import Any
 from aiohttp import web
 
 from apitally_proxy.admin import build_admin_app
+from apitally_proxy.capture import Captures
 from apitally_proxy.config import CLIENT_TAGS, FRAMEWORKS, ConfigError, Settings
 from apitally_proxy.hub.instance import acquire_instance
 from apitally_proxy.hub.payloads import startup_payload
+from apitally_proxy.hub.request_log import RequestLog
 from apitally_proxy.hub.spool import Spool
 from apitally_proxy.hub.sync import HubSync
 from apitally_proxy.hub.transport import HubTransport, LocalTransport, Transport
 from apitally_proxy.metering import Meter
 from apitally_proxy.openapi import RouteDiscovery, RouteSet
-from apitally_proxy.proxy import ReverseProxy
+from apitally_proxy.proxy import Exchange, ReverseProxy
 from apitally_proxy.routes import MatchRules, RouteResolver, RouteTable, declared_routes
 
 log = logging.getLogger("apitally_proxy")
@@ -52,9 +55,14 @@ class Worker:
             refresh=settings.openapi_refresh,
             upstream_trouble=lambda: sum(self.proxy.upstream_errors.values()),
         )
-        self.meter = Meter(self.routes, max_consumers=settings.max_consumers)
-        self.proxy = ReverseProxy(settings, self.meter.record)
+        self.meter = Meter(
+            self.routes, max_consumers=settings.max_consumers, framework=settings.framework
+        )
         self.transport = self._make_transport()
+        self.request_log = self._make_request_log()
+        self.proxy = ReverseProxy(
+            settings, self._record, Captures(settings.framework, self.request_log)
+        )
         self.spool = Spool(
             self.lease.path.with_name(f"slot-{self.lease.slot}.spool"),
             max_bytes=settings.spool_max_bytes,
@@ -67,6 +75,7 @@ class Worker:
             startup=self._startup_payload,
             spool=self.spool,
             interval=settings.sync_interval,
+            after_sync=[self.request_log.deliver] if self.request_log is not None else None,
         )
         self.ready = False
         self.started_at = time.time()
@@ -83,6 +92,24 @@ class Worker:
             assert s.client_id is not None
             return HubTransport(s.hub_url, s.client_id, s.env, timeout=s.hub_timeout)
         return LocalTransport(s.state_dir / "local", f"worker-{self.lease.slot}")
+
+    def _make_request_log(self) -> RequestLog | None:
+        s = self.settings
+        if not s.request_logging:
+            return None
+        name = f"worker-{self.lease.slot}"
+        if isinstance(self.transport, HubTransport):
+            return RequestLog(
+                s.request_log, s.state_dir / "request-log" / name, self.transport.send_log
+            )
+        # Local mode: the files stay under the state dir, next to the local payloads.
+        return RequestLog(s.request_log, s.state_dir / "local" / "request-log" / name)
+
+    def _record(self, exchange: Exchange) -> None:
+        """The one call per finished request: meter it, then (maybe) log it."""
+        self.meter.record(exchange)
+        if exchange.log and self.request_log is not None:
+            self.request_log.add(exchange)
 
     def _startup_payload(self, instance_uuid: str) -> dict[str, Any]:
         s = self.settings
@@ -125,6 +152,7 @@ class Worker:
             "in_flight": self.proxy.in_flight,
             "upstream_errors": dict(self.proxy.upstream_errors),
             "upstream_retries": self.proxy.retries,
+            "refused": self.proxy.refused,
             "hub": {
                 "mode": "hub" if s.hub_enabled else "local",
                 "ok": problem is None and not self.sync.stopped,
@@ -141,6 +169,7 @@ class Worker:
                 "local_file": str(getattr(self.transport, "path", "")) or None,
             },
             "recent_payloads": list(getattr(self.transport, "recent", [])),
+            "request_log": self.request_log.status() if self.request_log is not None else None,
         }
 
     async def start(self, reuse_port: bool = False) -> None:
@@ -184,6 +213,8 @@ class Worker:
                 log.error("cannot listen on admin address %s (%s); admin disabled", admin, exc)
                 await self._admin_runner.cleanup()
                 self._admin_runner = None
+        if self.request_log is not None:
+            await self.request_log.start()
         # Traffic already flows; give the first route discovery a moment so the first
         # startup message carries the app's paths instead of a quick re-announce.
         self.discovery.start()
@@ -219,7 +250,13 @@ class Worker:
                     fut.cancel()
         await self.discovery.stop()
         await self.proxy.close()
+        if self.request_log is not None:
+            # Last upload attempt; what does not go out now is sent after the next start.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.request_log.deliver(), 5.0)
         await self.sync.stop(hurry=hurry)
+        if self.request_log is not None:
+            await self.request_log.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         self.lease.release()

@@ -21,6 +21,7 @@ class Outcome(enum.Enum):
     REJECTED = "rejected"  # 422: the hub will never take it; drop it
     RETRY = "retry"  # 5xx, timeout, connection error: keep it queued
     STOP = "stop"  # 404: unknown client id; stop syncing
+    SUSPEND = "suspend"  # 402 on /log: request logging paused for Retry-After seconds
 
 
 class Transport(Protocol):
@@ -101,6 +102,40 @@ class HubTransport:
         self.last_error = f"{kind}: hub answered {status}"
         log.warning("hub %s answered %d: %s", kind, status, text[:500])
         return Outcome.RETRY
+
+    async def send_log(self, file_uuid: str, body: bytes) -> tuple[Outcome, float | None]:
+        """POST one gzip request-log file to /log?uuid=; one try (the file waits for the next sync).
+
+        The body goes as is, with no Content-Encoding or Content-Type, as the official
+        clients send it. Returns the outcome and, for SUSPEND, the Retry-After seconds.
+        """
+        try:
+            async with self._get_session().post(
+                f"{self.base}/log",
+                params={"uuid": file_uuid},
+                data=body,
+                skip_auto_headers=("Content-Type",),
+            ) as resp:
+                status = resp.status
+                retry_after = resp.headers.get("Retry-After")
+                await resp.read()
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            log.warning("hub log upload failed: %s: %s", type(exc).__name__, exc)
+            return Outcome.RETRY, None
+        if 200 <= status < 300:
+            return Outcome.ACCEPTED, None
+        if status == 402 and retry_after is not None:
+            try:
+                return Outcome.SUSPEND, max(0.0, float(retry_after))
+            except ValueError:
+                pass
+        if status == 404:
+            return Outcome.STOP, None
+        if status == 422:
+            log.warning("hub rejected a request log file (422); dropped")
+            return Outcome.REJECTED, None
+        log.warning("hub log upload answered %d; retrying at the next sync", status)
+        return Outcome.RETRY, None
 
     async def close(self) -> None:
         if self._session is not None:

@@ -6,6 +6,11 @@ from typing import Any, Protocol
 
 from apitally_proxy.metering.consumers import ConsumerRegistry, parse_consumer
 from apitally_proxy.metering.requests import RequestCounter
+from apitally_proxy.metering.validation import (
+    VALIDATION_STATUSES,
+    ValidationErrorCounter,
+    extract_validation_errors,
+)
 from apitally_proxy.routes import RouteOverrides
 
 HEADER_CONSUMER = "x-apitally-consumer"
@@ -24,6 +29,12 @@ class Observed(Protocol):
     request_size: int | None
     response_size: int
     apitally_headers: dict[str, str] | None
+    # A bounded copy of the response body (error responses only) and its headers.
+    response_body: Any
+    response_headers: Any
+    # Written back for later readers of the same observation (the request log).
+    template: str | None
+    consumer: str | None
 
 
 class TemplateResolver(Protocol):
@@ -33,11 +44,15 @@ class TemplateResolver(Protocol):
 class Meter:
     """Owns the aggregates for one worker; `record` is pure and synchronous."""
 
-    def __init__(self, resolver: TemplateResolver, max_consumers: int = 10_000) -> None:
+    def __init__(
+        self, resolver: TemplateResolver, max_consumers: int = 10_000, framework: str = "auto"
+    ) -> None:
         self.resolver = resolver
+        self.framework = framework
         self.requests = RequestCounter(max_consumers=max_consumers)
         self.consumers = ConsumerRegistry(max_size=max_consumers)
         self.route_overrides = RouteOverrides()
+        self.validation_errors = ValidationErrorCounter(max_keys=max_consumers)
         # Lifetime figures for the admin endpoint (never reset).
         self.recorded = 0
         self.unmatched = 0
@@ -69,6 +84,8 @@ class Meter:
             if consumer is not None:
                 consumer_id = consumer.identifier
                 self.consumers.add_or_update(consumer)
+        ex.template = template
+        ex.consumer = consumer_id
         self.requests.add_request(
             consumer_id,
             ex.method,
@@ -78,12 +95,30 @@ class Meter:
             ex.request_size,
             ex.response_size,
         )
+        body = ex.response_body
+        if body is not None and ex.status in VALIDATION_STATUSES and not body.overflow:
+            rh = ex.response_headers
+            framework = self.framework
+            if framework == "auto":
+                # The route discovery may have recognised the app by now.
+                framework = getattr(self.resolver, "framework", None) or "auto"
+            errors = extract_validation_errors(
+                framework,
+                ex.status,
+                rh.get("Content-Type") if rh is not None else None,
+                rh.get("Content-Encoding") if rh is not None else None,
+                body.data,
+            )
+            if errors:
+                self.validation_errors.add_validation_errors(
+                    consumer_id, ex.method, template, errors
+                )
 
     def peek(self) -> dict[str, Any]:
         """The aggregates of the open interval, leaving them in place (for checkpoints)."""
         return {
             "requests": self.requests.peek_requests(),
-            "validation_errors": [],
+            "validation_errors": self.validation_errors.peek_validation_errors(),
             "server_errors": [],
             "consumers": self.consumers.peek_updated_consumers(),
         }
@@ -92,7 +127,7 @@ class Meter:
         """The aggregate part of a sync payload; the meter starts a new interval."""
         return {
             "requests": self.requests.get_and_reset_requests(),
-            "validation_errors": [],
+            "validation_errors": self.validation_errors.get_and_reset_validation_errors(),
             "server_errors": [],
             "consumers": self.consumers.get_and_reset_updated_consumers(),
         }

@@ -38,6 +38,7 @@ class FakeHub:
         self.script: dict[str, list[int]] = {}
         self.default_status = 202
         self.delay = 0.0
+        self.retry_after: int | None = None  # sent with scripted 402s (log suspension)
         self.changed = asyncio.Event()
         self.url = ""
         self._runner: web.AppRunner | None = None
@@ -88,6 +89,8 @@ class FakeHub:
         self.changed.set()
         if status == 422:
             return web.json_response({"detail": [{"msg": "rejected by fake hub"}]}, status=422)
+        if status == 402 and self.retry_after is not None:
+            return web.Response(status=402, headers={"Retry-After": str(self.retry_after)})
         return web.Response(status=status)
 
     # Views for assertions.

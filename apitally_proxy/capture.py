@@ -1,0 +1,65 @@
+"""Which bodies the proxy copies while they stream: error responses and logged requests.
+
+Called from the proxy's hot path, so every decision is a header lookup or a
+cached regex answer; the copies themselves are bounded BodyCaptures fed with
+chunks that are flowing anyway.
+"""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from apitally_proxy.hub.request_log import MAX_BODY_SIZE, RequestLog, is_body_content_type
+from apitally_proxy.metering.validation import MAX_ERROR_BODY, wants_error_body
+from apitally_proxy.proxy import BodyCapture, Exchange
+
+
+def _content_length(value: str | None) -> int | None:
+    if value is None or not value.isdigit():
+        return None
+    return int(value)
+
+
+class Captures:
+    """The proxy's CapturePolicy: validation-error bodies and request-log fields."""
+
+    def __init__(self, framework: str, request_log: RequestLog | None = None) -> None:
+        # Flask's official client extracts no validation errors; "none" means no framework.
+        self._validation = framework not in ("flask", "none")
+        self._framework = framework
+        self._log = request_log
+
+    def on_request(self, request: web.BaseRequest, exchange: Exchange) -> None:
+        rl = self._log
+        if rl is None:
+            return
+        headers = request.headers
+        if not rl.wants(request.method, exchange.path, headers.get("User-Agent")):
+            return
+        exchange.log = True
+        exchange.started_at = time.time()
+        exchange.request_headers = headers
+        exchange.request_url = f"{request.scheme}://{request.host}{request.rel_url.raw_path_qs}"
+        if rl.config.log_request_body and is_body_content_type(headers.get("Content-Type")):
+            exchange.request_body = BodyCapture(MAX_BODY_SIZE, request.content_length)
+
+    def response_capture(
+        self, exchange: Exchange, status: int, headers: CIMultiDict[str]
+    ) -> BodyCapture | None:
+        limit = 0
+        ctype = headers.get("Content-Type")
+        if self._validation and wants_error_body(self._framework, status, ctype):
+            limit = MAX_ERROR_BODY
+        if exchange.log:
+            exchange.response_headers = headers
+            rl = self._log
+            if rl is not None and rl.config.log_response_body and is_body_content_type(ctype):
+                limit = max(limit, MAX_BODY_SIZE)
+        elif limit:
+            exchange.response_headers = headers
+        if not limit:
+            return None
+        return BodyCapture(limit, _content_length(headers.get("Content-Length")))

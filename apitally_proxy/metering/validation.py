@@ -1,0 +1,223 @@
+"""Validation errors read from the app's own error responses, as the official clients read them.
+
+The proxy sees only the response, so it reads what each framework puts in its
+validation error body (the official clients do the same from inside the app):
+
+- Starlette / FastAPI (pydantic): 422, `{"detail": [{"loc", "msg", "type"}, ...]}`.
+- Litestar: 400, `{"detail": "...validation...", "extra": [{"key", "message", "source"}]}`,
+  only for bodies under 4096 bytes.
+- Fastify: 400 or 422, `{"code": "FST_ERR_VALIDATION" | absent, "message": "<AJV errors>"}`;
+  each `body/x …`, `querystring/x …` part of the message is one error.
+
+Everything here is pure and synchronous; a malformed body yields no errors.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from typing import Any
+
+import orjson
+
+# The proxy copies at most this much of an error response while it streams on.
+MAX_ERROR_BODY = 64 * 1024
+# Limits the official clients apply before parsing (they keep no more of the body).
+STARLETTE_MAX_BODY = 50_000
+LITESTAR_MAX_BODY = 4096
+VALIDATION_STATUSES = frozenset({400, 422})
+
+Loc = tuple[str, ...]
+ErrorItem = tuple[Loc, Any, Any]  # (loc, msg, type)
+ErrorKey = tuple[str | None, str, str, Loc, Any, Any]
+
+# What the official Fastify plugin matches: a location like `body/name` or
+# `querystring.limit` at the start of the message or after ", ", followed by a space.
+_AJV_LOCATION = re.compile(
+    r"(?:^|(?<=, ))((?:headers|params|query|querystring|body)[/.][^ ]+)(?= )"
+)
+_AJV_SPLIT = re.compile(r"[/.]")
+
+
+def wants_error_body(framework: str, status: int, content_type: str | None) -> bool:
+    """Whether a response may carry validation errors worth copying (cheap header check)."""
+    if status not in VALIDATION_STATUSES or not content_type or "json" not in content_type.lower():
+        return False
+    if framework in ("starlette", "fastapi"):
+        return status == 422
+    if framework == "litestar":
+        return status == 400
+    return framework in ("fastify", "auto")
+
+
+def _decode(body: bytes, content_encoding: str | None) -> Any:
+    if content_encoding is not None and content_encoding.strip().lower() == "gzip":
+        try:
+            # Bounded: a tiny gzip bomb must not expand into memory.
+            d = zlib.decompressobj(wbits=31)
+            body = d.decompress(body, MAX_ERROR_BODY * 4)
+        except zlib.error:
+            pass  # the official clients fall back to the raw bytes too
+    try:
+        return orjson.loads(body)
+    except (orjson.JSONDecodeError, TypeError):
+        return None
+
+
+def _scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def starlette_errors(body: Any) -> list[ErrorItem]:
+    """FastAPI / Starlette+pydantic: the `detail` list of a 422."""
+    if not isinstance(body, dict) or not isinstance(body.get("detail"), list):
+        return []
+    out: list[ErrorItem] = []
+    for error in body["detail"]:
+        if not isinstance(error, dict) or not {"loc", "msg", "type"} <= error.keys():
+            continue
+        loc, msg, typ = error["loc"], error["msg"], error["type"]
+        # The official client does tuple(str(x) for x in loc); non-iterables are skipped.
+        if not isinstance(loc, (list, str, dict)) or not _scalar(msg) or not _scalar(typ):
+            continue
+        out.append((tuple(_loc_part(x) for x in loc), msg, typ))
+    return out
+
+
+def _loc_part(value: Any) -> str:
+    # str() of a JSON value the way Python prints it (True, None, 1.5, ...).
+    return value if isinstance(value, str) else str(value)
+
+
+def litestar_errors(body: Any) -> list[ErrorItem]:
+    """Litestar: a 400 whose `detail` mentions validation and whose `extra` lists the errors."""
+    if not isinstance(body, dict):
+        return []
+    detail, extra = body.get("detail"), body.get("extra")
+    if not isinstance(detail, str) or "validation" not in detail.lower():
+        return []
+    if not isinstance(extra, list):
+        return []
+    out: list[ErrorItem] = []
+    for error in extra:
+        if not isinstance(error, dict) or "key" not in error or "message" not in error:
+            continue
+        key, msg = error["key"], error["message"]
+        if not isinstance(key, str) or not _scalar(msg):
+            continue
+        source = error.get("source", "body")
+        out.append(((_loc_part(source), *key.split(".")), msg, ""))
+    return out
+
+
+def fastify_errors(body: Any) -> list[ErrorItem]:
+    """Fastify: one error per AJV location found in `message`."""
+    if not isinstance(body, dict):
+        return []
+    message = body.get("message")
+    code = body.get("code")
+    # The JS client accepts any falsy code, like an absent one.
+    if not isinstance(message, str) or (code and code != "FST_ERR_VALIDATION"):
+        return []
+    matches = list(_AJV_LOCATION.finditer(message))
+    out: list[ErrorItem] = []
+    for i, m in enumerate(matches):
+        end = matches[i + 1].start() - 2 if i + 1 < len(matches) else len(message)
+        parts = _AJV_SPLIT.split(m.group(1))
+        if parts[0] == "querystring":
+            parts[0] = "query"
+        # The JS client joins with "." and splits again, dropping empty parts.
+        loc = tuple(p for p in parts if p)
+        out.append((loc, message[m.start() : end], ""))
+    return out
+
+
+def extract_validation_errors(
+    framework: str,
+    status: int,
+    content_type: str | None,
+    content_encoding: str | None,
+    body: bytes,
+) -> list[ErrorItem]:
+    """The validation errors the official client for `framework` would read from this response.
+
+    `framework` is a settings value; "auto" picks the framework from the body's shape.
+    """
+    if not wants_error_body(framework, status, content_type) or not body:
+        return []
+    if len(body) > MAX_ERROR_BODY:
+        return []
+    is_starlette = framework in ("starlette", "fastapi")
+    ctype = (content_type or "").lower()
+    is_json = ctype.startswith("application/json")
+    if is_starlette and (len(body) > STARLETTE_MAX_BODY or not is_json):
+        return []
+    data = _decode(body, content_encoding)
+    if data is None:
+        return []
+    if is_starlette:
+        return starlette_errors(data)
+    if framework == "litestar":
+        return litestar_errors(data) if len(body) < LITESTAR_MAX_BODY else []
+    if framework == "fastify":
+        return fastify_errors(data)
+    # auto: the three shapes do not overlap.
+    if status == 422 and is_json and len(body) <= STARLETTE_MAX_BODY:
+        found = starlette_errors(data)
+        if found:
+            return found
+    if status == 400 and len(body) < LITESTAR_MAX_BODY:
+        found = litestar_errors(data)
+        if found:
+            return found
+    return fastify_errors(data)
+
+
+class ValidationErrorCounter:
+    """Counts validation errors by (consumer, method, path, loc, msg, type).
+
+    Bounded: past `max_keys` distinct errors per interval, new ones are dropped
+    and counted in `overflow` (an app echoing input into `msg` cannot grow memory).
+    """
+
+    def __init__(self, max_keys: int = 10_000) -> None:
+        self._counts: dict[ErrorKey, int] = {}
+        self._max_keys = max_keys
+        self.overflow = 0
+
+    def add_validation_errors(
+        self, consumer: str | None, method: str, path: str, errors: list[ErrorItem]
+    ) -> None:
+        method = method.upper()
+        counts = self._counts
+        for loc, msg, typ in errors:
+            key = (consumer, method, path, loc, msg, typ)
+            n = counts.get(key)
+            if n is None and len(counts) >= self._max_keys:
+                self.overflow += 1
+                continue
+            counts[key] = (n or 0) + 1
+
+    def peek_validation_errors(self) -> list[dict[str, Any]]:
+        """The rows so far, leaving the counter as it is (for checkpoints)."""
+        return self._rows(self._counts)
+
+    def get_and_reset_validation_errors(self) -> list[dict[str, Any]]:
+        """The `validation_errors` list of a sync payload; the counter starts empty again."""
+        counts, self._counts = self._counts, {}
+        return self._rows(counts)
+
+    @staticmethod
+    def _rows(counts: dict[ErrorKey, int]) -> list[dict[str, Any]]:
+        return [
+            {
+                "consumer": consumer,
+                "method": method,
+                "path": path,
+                "loc": list(loc),
+                "msg": msg,
+                "type": typ,
+                "error_count": n,
+            }
+            for (consumer, method, path, loc, msg, typ), n in counts.items()
+        ]
