@@ -42,6 +42,11 @@ class _ProxyCollector(Collector):
             value=s["upstream_retries"],
         )
         yield CounterMetricFamily(
+            "apitally_proxy_refused_requests",
+            "Requests answered by the proxy itself (bad target, oversize head, CONNECT)",
+            value=s["refused"],
+        )
+        yield CounterMetricFamily(
             "apitally_proxy_unmatched_requests",
             "Requests matching no known route (not metered)",
             value=s["unmatched"],

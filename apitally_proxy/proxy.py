@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
+from typing import Protocol
 
 import aiohttp
 from aiohttp import web
@@ -47,18 +48,53 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELET
 STATUS_CLIENT_CLOSED = 499
 
 
+class BodyCapture:
+    """A bounded copy of a body as it streams past; never holds more than `limit` bytes.
+
+    Once the body outgrows the limit the copy is dropped and `overflow` is set:
+    a prefix is of no use to a JSON parser or a request log.
+    """
+
+    __slots__ = ("data", "limit", "overflow")
+
+    def __init__(self, limit: int, known_size: int | None = None) -> None:
+        self.data = bytearray()
+        self.limit = limit
+        # A declared length over the limit: do not copy a single byte.
+        self.overflow = known_size is not None and known_size > limit
+
+    def feed(self, chunk: bytes) -> None:
+        if self.overflow:
+            return
+        if len(self.data) + len(chunk) > self.limit:
+            self.overflow = True
+            self.data = bytearray()
+            return
+        self.data += chunk
+
+
 class Exchange:
     """What the proxy observed about one request, handed to the recorder."""
 
     __slots__ = (
         "apitally_headers",
+        "consumer",
         "got_headers",
+        "log",
         "method",
         "path",
+        "refused",
+        "request_body",
+        "request_headers",
         "request_size",
+        "request_url",
+        "response_body",
+        "response_headers",
         "response_size",
         "response_time",
+        "started_at",
         "status",
+        "template",
         "upstream_error",
     )
 
@@ -73,9 +109,34 @@ class Exchange:
         # The app's X-Apitally-* response headers (lower-cased names), stripped from the response.
         self.apitally_headers: dict[str, str] | None = None
         self.upstream_error: str | None = None
+        # Answered by the proxy itself (bad target, oversize head…): the app never saw it.
+        self.refused = False
+        # Filled only when the capture policy asks for them (validation errors, request log).
+        self.log = False
+        self.started_at = 0.0  # wall clock, for the request log
+        self.request_url = ""
+        self.request_headers: CIMultiDictProxy[str] | None = None
+        self.request_body: BodyCapture | None = None
+        self.response_headers: CIMultiDict[str] | None = None
+        self.response_body: BodyCapture | None = None
+        # Filled by the recorder: the route template and consumer it counted the request under.
+        self.template: str | None = None
+        self.consumer: str | None = None
 
 
 Recorder = Callable[[Exchange], None]
+
+
+class CapturePolicy(Protocol):
+    """Decides which requests and responses get a bounded copy of their body."""
+
+    def on_request(self, request: web.BaseRequest, exchange: Exchange) -> None:
+        """May set exchange.log, the request fields and a request BodyCapture."""
+
+    def response_capture(
+        self, exchange: Exchange, status: int, headers: CIMultiDict[str]
+    ) -> BodyCapture | None:
+        """A capture for this response's body, or None to copy nothing."""
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
@@ -93,10 +154,13 @@ def _is_hop_by_hop(name: str, extra: set[str]) -> bool:
 class ReverseProxy:
     """An aiohttp low-level request handler that forwards everything to one upstream."""
 
-    def __init__(self, settings: Settings, recorder: Recorder) -> None:
+    def __init__(
+        self, settings: Settings, recorder: Recorder, capture: CapturePolicy | None = None
+    ) -> None:
         self._upstream: Upstream = settings.upstream_target
         self._base = self._upstream.origin + self._upstream.base_path
         self._recorder = recorder
+        self._capture = capture
         self._trusted = settings.trusted_networks
         self._trust_cache: dict[str, bool] = {}
         self._timeout = aiohttp.ClientTimeout(
@@ -106,11 +170,15 @@ class ReverseProxy:
             sock_read=settings.upstream_timeout,
         )
         self._keepalive = settings.upstream_keepalive
+        self._max_header_bytes = settings.max_header_bytes
+        # Below this many fields the parser's per-field limit already bounds the total.
+        self._header_sum_threshold = settings.max_header_bytes // (2 * settings.max_field_size)
         self._pool_size = settings.upstream_pool_size
         self._session: aiohttp.ClientSession | None = None
         self.in_flight = 0
         self.upstream_errors: dict[str, int] = {}
         self.retries = 0
+        self.refused = 0
 
     async def start(self) -> None:
         """Open the keep-alive pool to the upstream."""
@@ -205,6 +273,8 @@ class ReverseProxy:
         started = time.perf_counter()
         raw = request.rel_url
         exchange = Exchange(request.method, raw.raw_path)
+        if self._capture is not None:
+            self._capture.on_request(request, exchange)
         self.in_flight += 1
         try:
             return await self._forward(request, exchange, started)
@@ -216,18 +286,44 @@ class ReverseProxy:
             self.in_flight -= 1
             if not exchange.got_headers:  # failed before the upstream answered
                 exchange.response_time = time.perf_counter() - started
-            try:
-                self._recorder(exchange)
-            except Exception:  # metering must never break proxying
-                log.exception("recording a request failed")
+            if exchange.refused:
+                self.refused += 1  # never reached the app: not metered
+            else:
+                try:
+                    self._recorder(exchange)
+                except Exception:  # metering must never break proxying
+                    log.exception("recording a request failed")
+
+    def _refuse(self, request: web.BaseRequest) -> web.Response | None:
+        """Requests the proxy answers itself instead of forwarding (aiohttp's parser
+        already refused malformed heads, smuggling-prone framing and oversize lines)."""
+        if request.method == "CONNECT":
+            return web.Response(status=405, text="CONNECT is not supported by this proxy\n")
+        if not request.rel_url.raw_path.startswith("/"):
+            # Asterisk-form (`OPTIONS *`) and other targets an origin server never needs.
+            return web.Response(status=400, text="request target must start with /\n")
+        raw = request.raw_headers
+        if (
+            len(raw) > self._header_sum_threshold
+            and sum(len(k) + len(v) for k, v in raw) > self._max_header_bytes
+        ):
+            return web.Response(status=431, text="request header fields too large\n")
+        te = request.headers.get("Transfer-Encoding")
+        if te is not None and te.strip().lower() != "chunked":
+            # Only chunked framing is understood; anything else cannot be re-framed
+            # faithfully for the upstream (RFC 9112 §6.1: 501).
+            return web.Response(status=501, text="unsupported Transfer-Encoding\n")
+        return None
 
     async def _forward(
         self, request: web.BaseRequest, exchange: Exchange, started: float
     ) -> web.StreamResponse:
         method = request.method
-        if method == "CONNECT":
-            exchange.status = 405
-            return web.Response(status=405, text="CONNECT is not supported by this proxy\n")
+        refusal = self._refuse(request)
+        if refusal is not None:
+            exchange.status = refusal.status
+            exchange.refused = True
+            return refusal
         assert self._session is not None, "ReverseProxy.start() was not awaited"
         url = URL(self._base + request.rel_url.raw_path_qs, encoded=True)
         headers = self._upstream_headers(request)
@@ -285,8 +381,11 @@ class ReverseProxy:
         self, request: web.BaseRequest, exchange: Exchange
     ) -> AsyncIterator[bytes]:
         exchange.request_size = 0
+        capture = exchange.request_body
         async for chunk in request.content.iter_any():
             exchange.request_size += len(chunk)
+            if capture is not None:
+                capture.feed(chunk)
             yield chunk
 
     async def _relay(
@@ -307,11 +406,22 @@ class ReverseProxy:
                 continue
             out.add(name, value)
         exchange.status = upstream.status
+        capture = None
+        if self._capture is not None:
+            capture = self._capture.response_capture(exchange, upstream.status, out)
+            exchange.response_body = capture
         try:
             await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-                exchange.response_size += len(chunk)
+            if capture is None:
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+                    exchange.response_size += len(chunk)
+            else:
+                # A bounded copy of chunks already flowing; the body is never held back.
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+                    exchange.response_size += len(chunk)
+                    capture.feed(chunk)
             await response.write_eof()
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
             if isinstance(exc, ConnectionResetError) or request.transport is None:
