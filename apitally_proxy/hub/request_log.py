@@ -313,6 +313,7 @@ class RequestLog:
         self._file: _LogFile | None = None
         self._files: deque[Path] = deque()  # rotated, waiting for delivery (oldest first)
         self._task: asyncio.Task[None] | None = None
+        self._deliver_lock = asyncio.Lock()
         self.suspended_until: float | None = None  # 402 from the hub
         self.paused_until: float | None = None  # disk trouble
         self.logged = 0
@@ -408,6 +409,12 @@ class RequestLog:
 
     async def deliver(self) -> None:
         """After-sync hook: close the current file and deliver up to MAX_UPLOADS_PER_SYNC files."""
+        # The sync loop's hook and the shutdown's last attempt can overlap; without
+        # the lock both would upload the same file.
+        async with self._deliver_lock:
+            await self._deliver()
+
+    async def _deliver(self) -> None:
         await self.flush()
         await self._io(self._rotate)
         if self._send is None:
