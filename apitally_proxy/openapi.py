@@ -291,14 +291,16 @@ class RouteDiscovery:
         self._on_change = on_change
         self._refresh = refresh
         self._trouble = upstream_trouble or (lambda: 0)
-        self._session: aiohttp.ClientSession | None = None
+        self._session: aiohttp.ClientSession | None = None  # to the upstream (TCP or unix)
+        self._web_session: aiohttp.ClientSession | None = None  # for an absolute openapi_url
         self._task: asyncio.Task[None] | None = None
         self._first_round = asyncio.Event()
         self._digest: bytes | None = None
         self._bad_digest: bytes | None = None
         self._found_at: str | None = None  # the probe location that worked last
         self._last_problem: str | None = None
-        self.source: str | None = None  # where the route set in use came from
+        # Where the route set in use came from; declared routes are in force from the start.
+        self.source: str | None = "config" if declared else None
         self.framework: str | None = framework
         self.last_error: str | None = None
         self.fetches = 0
@@ -317,9 +319,10 @@ class RouteDiscovery:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in (self._session, self._web_session):
+            if session is not None:
+                await session.close()
+        self._session = self._web_session = None
 
     async def _run(self) -> None:
         attempt = 0
@@ -359,8 +362,6 @@ class RouteDiscovery:
         """One fetch-and-compile round; True when a usable document was fetched."""
         raw, where, hint = await self._fetch()
         if raw is None:
-            if self.source is None and self._declared:
-                await self._compile(None, "config", None)
             return False
         digest = hashlib.sha256(raw).digest()
         if digest == self._digest:
@@ -377,8 +378,6 @@ class RouteDiscovery:
         except DocumentError as exc:
             self._warn(f"OpenAPI document at {where} ignored: {exc}")
             self._bad_digest = hashlib.sha256(raw).digest() if raw is not None else None
-            if self.source is None and self._declared:
-                await self._compile(None, "config", None)
             return False
         if raw is not None:
             self._digest = hashlib.sha256(raw).digest()
@@ -407,10 +406,16 @@ class RouteDiscovery:
         url = self._openapi_url
         if url is not None:
             if url.startswith(("http://", "https://")):
-                return await self._get_absolute(url), url, None
-            if url.startswith("/") and not os.path.exists(url):
-                return await self._get_upstream(url), url, None
-            return await self._read_file(url), url, None
+                raw = await self._get_absolute(url)
+            elif url.startswith("/") and not os.path.exists(url):
+                raw = await self._get_upstream(url)
+            else:
+                return await self._read_file(url), url, None
+            if raw is None and not self.has_document:
+                self._warn(
+                    f"no OpenAPI document at {url} (--openapi-url / APITALLY_PROXY_OPENAPI_URL)"
+                )
+            return raw, url, None
         order = list(PROBE_PATHS)
         if self._found_at is not None:  # try the last good location first
             order.sort(key=lambda p: p[0] != self._found_at)
@@ -419,7 +424,7 @@ class RouteDiscovery:
             if raw is not None and _looks_like_document(raw):
                 self._found_at = path
                 return raw, path, hint
-        if self.source is None:
+        if not self.has_document:
             self._warn(
                 "no OpenAPI document found at "
                 + ", ".join(p for p, _ in PROBE_PATHS)
@@ -460,15 +465,22 @@ class RouteDiscovery:
 
     async def _get_upstream(self, path: str) -> bytes | None:
         up = self._upstream
-        return await self._get(up.origin + up.base_path + path)
+        return await self._get(self._get_session(), up.origin + up.base_path + path)
 
     async def _get_absolute(self, url: str) -> bytes | None:
-        return await self._get(url)
+        if self._web_session is None:
+            self._web_session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(force_close=True),
+                timeout=aiohttp.ClientTimeout(total=FETCH_TIMEOUT),
+                trust_env=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        return await self._get(self._web_session, url)
 
-    async def _get(self, url: str) -> bytes | None:
+    async def _get(self, session: aiohttp.ClientSession, url: str) -> bytes | None:
         self.fetches += 1
         try:
-            async with self._get_session().get(
+            async with session.get(
                 url, allow_redirects=False, headers={"Accept": "application/json, */*"}
             ) as r:
                 if r.status != 200:

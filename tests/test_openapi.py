@@ -268,12 +268,31 @@ async def test_no_document_keeps_declared_routes_and_says_so(caplog):
     app = doc_app({})
     runner, url = await serve(app)
     try:
-        (rs,) = await discover(url, declared=declared_routes(["GET /items/:id"]))
+        found = await discover(url, declared=declared_routes(["GET /items/:id"]))
     finally:
         await runner.cleanup()
-    assert rs.source == "config"
-    assert rs.table.match("GET", "/items/1") == "/items/:id"
+    assert found == []  # the declared routes stay as they are
+    assert [p for p in app[SEEN]] == [
+        "/openapi.json",
+        "/schema/openapi.json",
+        "/openapi/openapi.json",
+        "/documentation/json",
+        "/apispec_1.json",
+        "/schema",
+    ]
     assert "no OpenAPI document found" in caplog.text
+
+
+async def test_an_explicit_openapi_path_on_the_app_is_fetched_from_the_upstream(caplog):
+    app = doc_app({"/api/spec": (200, orjson.dumps(OPENAPI3))})
+    runner, url = await serve(app)
+    try:
+        (rs,) = await discover(url, openapi_url="/api/spec")
+        assert await discover(url, openapi_url="/api/missing") == []
+    finally:
+        await runner.cleanup()
+    assert rs.table.match("GET", "/health") == "/health"
+    assert "no OpenAPI document at /api/missing" in caplog.text
 
 
 async def test_a_slow_document_does_not_slow_the_event_loop():
