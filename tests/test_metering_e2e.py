@@ -234,7 +234,7 @@ async def test_startup_payload_and_sync_shape(hub, upstream, http, start_proxy, 
     assert await proxy.stop() == 0
     (startup,) = hub.accepted("startup")
     assert set(startup) >= {"instance_uuid", "message_uuid", "paths", "versions", "client"}
-    assert startup["client"] == "python:fastapi"
+    assert startup["client"] == "python:starlette"
     assert startup["versions"]["app"] == "2.3.4"
     sync = hub.accepted("sync")[-1]
     assert set(sync) == {

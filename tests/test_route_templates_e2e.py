@@ -145,7 +145,7 @@ async def test_fastapi_startup_announces_the_apps_paths_and_openapi(
     ]
     assert sorted(startup["paths"], key=str) == sorted(expected, key=str)
     assert orjson.loads(startup["openapi"]) == app.openapi()
-    assert startup["client"] == "python:fastapi"
+    assert startup["client"] == "python:starlette"
 
 
 async def test_x_apitally_route_from_the_app_wins_and_never_reaches_the_client(
@@ -235,7 +235,7 @@ async def test_an_app_restarted_with_other_routes_is_re_read_and_re_announced(
     finally:
         await replacement.stop()
     startups = hub.accepted("startup")
-    assert startups[0]["client"] == "python:fastapi"
+    assert startups[0]["client"] == "python:starlette"
     assert {"method": "GET", "path": "/items/{item_id:int}"} in startups[-1]["paths"]
     assert hub.request_counts() == {
         (None, "GET", "/items/{item_id}", 502): 1,  # while the app was away

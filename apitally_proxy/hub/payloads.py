@@ -9,6 +9,10 @@ from typing import Any
 
 from apitally_proxy import __version__
 
+# The official FastAPI integration is the Starlette middleware, which reports
+# "python:starlette"; the hub knows the tags the official clients send.
+OFFICIAL_CLIENT_TAGS = {"python:fastapi": "python:starlette"}
+
 
 def startup_payload(
     instance_uuid: str,
@@ -25,7 +29,9 @@ def startup_payload(
         "message_uuid": str(uuid.uuid4()),
         "paths": paths,
         "versions": versions,
-        "client": client_tag or "python:apitally-proxy",
+        "client": OFFICIAL_CLIENT_TAGS.get(client_tag, client_tag)
+        if client_tag
+        else "python:apitally-proxy",
     }
     if openapi is not None:
         payload["openapi"] = openapi
