@@ -197,6 +197,14 @@ def paths_method(method: str, framework: str | None) -> str:
     return method.lower() if framework in ("starlette", "fastapi") else method.upper()
 
 
+_CONVERTOR = re.compile(r"\{([^{}:]+):[^{}]*\}")
+
+
+def paths_template(template: str, framework: str | None) -> str:
+    """Startup `paths` spelling: Starlette's SchemaGenerator drops convertors ({id:int} -> {id})."""
+    return _CONVERTOR.sub(r"{\1}", template) if framework in ("starlette", "fastapi") else template
+
+
 # --- The compiled matcher --------------------------------------------------
 
 
@@ -314,7 +322,12 @@ class RouteTable:
         for r in self.routes:
             if r.method is None or r.method in ("HEAD", "OPTIONS"):
                 continue
-            out.append({"method": paths_method(r.method, framework), "path": r.template})
+            out.append(
+                {
+                    "method": paths_method(r.method, framework),
+                    "path": paths_template(r.template, framework),
+                }
+            )
         return out
 
 

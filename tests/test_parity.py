@@ -86,6 +86,22 @@ def fastify_argv(port: int) -> list[str]:
 
 
 SPECS: dict[str, tuple[AppSpec, tuple[Difference, ...]]] = {
+    "starlette": (
+        AppSpec(
+            "starlette",
+            uvicorn("tests.apps.parity_starlette_app:app"),
+            # Starlette serves no OpenAPI document: the routes are declared, as Starlette
+            # spells them.
+            routes=(
+                "GET /items",
+                "POST /items",
+                "GET /items/{item_id:int}",
+                "GET /users/{user_id:int}/orders/{order_id:int}",
+                "GET /boom",
+            ),
+        ),
+        (ASGI_UNHANDLED_500,),
+    ),
     "fastapi": (
         AppSpec("fastapi", uvicorn("tests.apps.parity_fastapi_app:app")),
         (ASGI_UNHANDLED_500,),
@@ -232,7 +248,8 @@ def tally(result: ParityResult, differences: tuple[Difference, ...]) -> dict[str
     official = normalised(request_rows(result.official), differences, official=True)
     out = {}
     keys = proxy.keys() | official.keys()
-    for field in ("request_count", *SIZE_FIELDS[:1], "request_size_sum", *SIZE_FIELDS[1:]):
+    fields = ("request_count", "request_size_sum", "response_size_sum", "request_sizes")
+    for field in (*fields, "response_sizes"):
         compared = [k for k in keys if field in proxy.get(k, official.get(k, {}))]
         matched = [
             k for k in compared if proxy.get(k, {}).get(field) == official.get(k, {}).get(field)
