@@ -14,7 +14,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from types import SimpleNamespace
+from contextvars import ContextVar
 from typing import Protocol
 
 import aiohttp
@@ -183,20 +183,18 @@ class ReverseProxy:
     async def start(self) -> None:
         """Open the keep-alive pool to the upstream."""
         if self._upstream.socket_path is not None:
-            connector: aiohttp.BaseConnector = aiohttp.UnixConnector(
+            connector: aiohttp.BaseConnector = _ReuseNotingUnixConnector(
                 path=self._upstream.socket_path,
                 keepalive_timeout=self._keepalive,
                 limit=self._pool_size,
             )
         else:
-            connector = aiohttp.TCPConnector(
+            connector = _ReuseNotingTCPConnector(
                 keepalive_timeout=self._keepalive,
                 limit=self._pool_size,
                 ttl_dns_cache=10,
                 use_dns_cache=True,
             )
-        trace = aiohttp.TraceConfig()
-        trace.on_connection_reuseconn.append(_mark_reused)
         session = aiohttp.ClientSession(
             connector=connector,
             timeout=self._timeout,
@@ -205,7 +203,6 @@ class ReverseProxy:
             cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type", "Accept"),
             trust_env=False,
-            trace_configs=[trace],
         )
         # aiohttp's own retry would also resend requests with (streamed) bodies; we
         # retry ourselves, only where it is safe.
@@ -328,10 +325,9 @@ class ReverseProxy:
         url = URL(self._base + request.rel_url.raw_path_qs, encoded=True)
         headers = self._upstream_headers(request)
         has_body = request.body_exists
-        ctx = SimpleNamespace(reused=False)
 
         try:
-            upstream = await self._send(request, method, url, headers, has_body, exchange, ctx)
+            upstream = await self._send(request, method, url, headers, has_body, exchange)
         except Exception as exc:
             return self._error_response(exchange, exc)
         exchange.response_time = time.perf_counter() - started
@@ -349,33 +345,26 @@ class ReverseProxy:
         headers: CIMultiDict[str],
         has_body: bool,
         exchange: Exchange,
-        ctx: SimpleNamespace,
     ) -> aiohttp.ClientResponse:
         assert self._session is not None
         body = self._stream_body(request, exchange) if has_body else None
+        _reused_connection.set(False)
         try:
             return await self._session.request(
-                method,
-                url,
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-                trace_request_ctx=ctx,
+                method, url, headers=headers, data=body, allow_redirects=False
             )
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             # A pooled connection the upstream had already closed: safe to retry once,
             # but only when nothing the client sent could be lost or duplicated.
             if (
                 has_body
-                or not ctx.reused
+                or not _reused_connection.get()
                 or method not in IDEMPOTENT_METHODS
                 or isinstance(exc, aiohttp.ClientConnectorError)
             ):
                 raise
             self.retries += 1
-            return await self._session.request(
-                method, url, headers=headers, allow_redirects=False, trace_request_ctx=ctx
-            )
+            return await self._session.request(method, url, headers=headers, allow_redirects=False)
 
     async def _stream_body(
         self, request: web.BaseRequest, exchange: Exchange
@@ -393,6 +382,11 @@ class ReverseProxy:
     ) -> web.StreamResponse:
         """Copy the upstream response to the client, streaming the body."""
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        if "Content-Length" in upstream.headers:
+            # A sized body follows at once: send the head with its first chunk (one
+            # write instead of two). Streams of unknown length (SSE, long polls) keep
+            # aiohttp's default and get their head immediately.
+            response._send_headers_immediately = False
         extra = _connection_tokens(upstream.headers) if "Connection" in upstream.headers else set()
         out = response.headers
         for name, value in upstream.headers.items():
@@ -471,8 +465,23 @@ class ReverseProxy:
         return web.Response(status=status, text=f"{status} {reason}\n")
 
 
-async def _mark_reused(
-    session: aiohttp.ClientSession, ctx: SimpleNamespace, params: object
-) -> None:
-    if ctx.trace_request_ctx is not None:
-        ctx.trace_request_ctx.reused = True
+# Set by the connectors below when a request got a pooled (reused) connection;
+# read by ReverseProxy._send to decide whether a failure may be retried. The
+# connector runs inside the request's task, so the value is per request.
+_reused_connection: ContextVar[bool] = ContextVar("apitally_proxy_reused", default=False)
+
+
+class _ReuseNotingTCPConnector(aiohttp.TCPConnector):
+    async def _get(self, key, traces):  # type: ignore[no-untyped-def]
+        conn = await super()._get(key, traces)
+        if conn is not None:
+            _reused_connection.set(True)
+        return conn
+
+
+class _ReuseNotingUnixConnector(aiohttp.UnixConnector):
+    async def _get(self, key, traces):  # type: ignore[no-untyped-def]
+        conn = await super()._get(key, traces)
+        if conn is not None:
+            _reused_connection.set(True)
+        return conn

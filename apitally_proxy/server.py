@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import time
@@ -26,6 +27,8 @@ from apitally_proxy.proxy import Exchange, ReverseProxy
 from apitally_proxy.routes import MatchRules, RouteResolver, RouteTable, declared_routes
 
 log = logging.getLogger("apitally_proxy")
+
+GC_THRESHOLD = 20_000  # allocations between young-generation collections (default 700)
 
 
 class Worker:
@@ -285,6 +288,12 @@ async def serve(settings: Settings, slot: int = 0, reuse_port: bool = False) -> 
     except BaseException:
         worker.lease.release()
         raise
+    # Start-up objects live for the whole process: keep the cyclic GC off them, and
+    # collect less often (each request allocates many short-lived objects, almost
+    # none in cycles), which measurably cuts CPU per request.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 20, 20)
     await stop.wait()
     await worker.drain_and_stop(hurry)
     return 0
