@@ -256,12 +256,14 @@ class HubSync:
     async def _deliver(self) -> None:
         if self.stopped:
             return
-        if self._startup_pending is not None:
-            outcome = await self.transport.send("startup", self._startup_pending)
+        pending = self._startup_pending
+        if pending is not None:
+            outcome = await self.transport.send("startup", pending)
             if outcome is Outcome.STOP:
                 self._stop()
                 return
-            if outcome is not Outcome.RETRY:
+            # announce() may have replaced it while this one was in flight: keep that.
+            if outcome is not Outcome.RETRY and self._startup_pending is pending:
                 self._startup_pending = None
         while self._unspooled:
             if not await self._send_one(self._unspooled[0]):
