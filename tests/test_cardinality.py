@@ -1,0 +1,66 @@
+"""Hostile cardinality: distinct paths, consumers and query strings keep RSS flat."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import aiohttp
+import pytest
+
+
+async def flood(proxy, n: int, concurrency: int = 32) -> int:
+    """n requests with random paths, consumers and query strings; returns 200s."""
+    rng = random.Random(42)
+    ok = 0
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as s:
+        todo = iter(range(n))
+
+        async def worker():
+            nonlocal ok
+            for i in todo:
+                token = f"{rng.getrandbits(64):x}"
+                path = f"/items/{i}?consumer=c{token}&q={token}"
+                if i % 3 == 0:
+                    path = f"/status/200?consumer=c{token}&junk{token}=1"  # status route
+                if i % 3 == 1:
+                    path = f"/r{token}/x{i}?consumer=c{token}"  # unknown, random literal segments
+                async with s.get(proxy.url + path) as r:
+                    await r.read()
+                    ok += r.status in (200, 404)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return ok
+
+
+async def run_flood(upstream, start_proxy, hub, hub_args, tmp_path, n: int) -> None:
+    cfg = tmp_path / "p.toml"
+    cfg.write_text("max_templates_per_method = 200\nmax_consumers = 500\n")
+    proxy = await start_proxy(upstream.url, *hub_args, "--config", str(cfg))
+    await flood(proxy, 2_000)  # warm up pools, caches and allocator
+    baseline = proxy.rss()
+    assert await flood(proxy, n) == n
+    growth = proxy.rss() - baseline
+    print(f"RSS {baseline / 1e6:.1f} MB -> {(baseline + growth) / 1e6:.1f} MB after {n} requests")
+    status = await proxy.status()
+    assert await proxy.stop() == 0
+    assert growth < 25 * 1024 * 1024, f"RSS grew {growth / 1e6:.1f} MB over {n} hostile requests"
+    assert status["route_overflow"] > 0 and status["consumer_overflow"] > 0
+    assert sum(hub.request_counts().values()) == n + 2_000  # overflow buckets, nothing lost
+    rows = hub.request_rows()
+    assert max(len({r["path"] for r in rows if r["method"] == "GET"}), 0) <= 200 + 1
+
+
+async def test_distinct_paths_consumers_and_queries_keep_memory_flat(
+    upstream, start_proxy, hub, hub_args, tmp_path
+):
+    await run_flood(upstream, start_proxy, hub, hub_args, tmp_path, 20_000)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+async def test_one_million_hostile_requests_keep_memory_flat(
+    upstream, start_proxy, hub, hub_args, tmp_path
+):
+    await run_flood(upstream, start_proxy, hub, hub_args, tmp_path, 1_000_000)
