@@ -164,3 +164,28 @@ def test_spooled_files_are_plain_json_payloads(tmp_path):
     spool = Spool(tmp_path)
     entry = spool.put({"message_uuid": "abc", "requests": [1]})
     assert orjson.loads(entry.path.read_bytes()) == {"message_uuid": "abc", "requests": [1]}
+
+
+async def test_hanging_hub_slows_no_request_and_loses_nothing(
+    hub, upstream, http, start_proxy, hub_args, tmp_path
+):
+    import time
+
+    cfg = tmp_path / "p.toml"
+    cfg.write_text("hub_timeout = 0.3\n")
+    hub.delay = 5  # every hub call hangs past the proxy's hub timeout
+    proxy = await start_proxy(upstream.url, *hub_args, "--config", str(cfg))
+    worst = 0.0
+    for i in range(60):
+        t0 = time.monotonic()
+        async with http.get(f"{proxy.url}/items/{i}") as r:
+            assert r.status == 200
+        worst = max(worst, time.monotonic() - t0)
+        await asyncio.sleep(0.02)
+    assert worst < 0.5, f"a request took {worst:.2f} s while the hub hung"
+    st = await proxy.status()
+    assert st["hub"]["ok"] is False and st["hub"]["queued"] >= 1
+    hub.delay = 0
+    await hub.wait_for(lambda: sum(hub.request_counts().values()) >= 60, timeout=20)
+    assert await proxy.stop() == 0
+    assert hub.request_counts() == {(None, "GET", "/items/{id}", 200): 60}

@@ -75,6 +75,8 @@ class FakeHub:
         status = scripted.pop(0) if scripted else self.default_status
         if self.delay:
             await asyncio.sleep(self.delay)
+            if request.transport is None or request.transport.is_closing():
+                status = 0  # the client gave up waiting: it never saw an answer
         self.calls.append(
             HubCall(
                 kind,
