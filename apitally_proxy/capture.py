@@ -26,13 +26,22 @@ def _content_length(value: str | None) -> int | None:
 class Captures:
     """The proxy's CapturePolicy: validation-error bodies and request-log fields."""
 
-    def __init__(self, framework: str, request_log: RequestLog | None = None) -> None:
+    def __init__(
+        self,
+        framework: str,
+        request_log: RequestLog | None = None,
+        keep_request_headers: bool = False,
+    ) -> None:
         # Flask's official client extracts no validation errors; "none" means no framework.
         self._validation = framework not in ("flask", "none")
         self._framework = framework
         self._log = request_log
+        # consumer_header: the meter reads the request headers (a reference, not a copy).
+        self._keep_headers = keep_request_headers
 
     def on_request(self, request: web.BaseRequest, exchange: Exchange) -> None:
+        if self._keep_headers:
+            exchange.request_headers = request.headers
         rl = self._log
         if rl is None:
             return

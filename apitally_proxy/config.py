@@ -20,6 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from apitally_proxy.metering.identity import (
+    MIN_SALT_LENGTH,
+    ConsumerMapError,
+    check_header_name,
+    read_consumer_map,
+)
 from apitally_proxy.routes import parse_declared
 
 DEFAULT_HUB_URL = "https://hub.apitally.io"
@@ -290,6 +296,24 @@ class Settings(BaseSettings):
         flag="--app-version",
         description="app version reported in startup data",
     )
+    consumer_header: str | None = _setting(
+        None,
+        env="APITALLY_PROXY_CONSUMER_HEADER",
+        flag="--consumer-header",
+        description="request header identifying the consumer (e.g. X-API-Key or "
+        "Authorization), counted as a salted hash when the app sets no X-Apitally-Consumer",
+    )
+    consumer_salt: str | None = _setting(
+        None,
+        env="APITALLY_PROXY_CONSUMER_SALT",
+        description="secret salt for consumer_header hashes (default: a random salt kept "
+        "in the state dir); the same salt gives the same identifiers everywhere",
+    )
+    consumer_map: str | None = _setting(
+        None,
+        env="APITALLY_PROXY_CONSUMER_MAP",
+        description="TOML or JSON file giving consumer_header consumers a name and group",
+    )
 
     # Config-file (and env) only: tuning with sensible defaults.
     upstream_connect_timeout: float = _setting(
@@ -416,10 +440,50 @@ class Settings(BaseSettings):
             parse_declared(entry)
         return v
 
-    @field_validator("client_id", "app_version", "openapi_url", mode="before")
+    @field_validator(
+        "client_id",
+        "app_version",
+        "openapi_url",
+        "consumer_header",
+        "consumer_salt",
+        "consumer_map",
+        mode="before",
+    )
     @classmethod
     def _blank_is_none(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("consumer_header")
+    @classmethod
+    def _check_consumer_header(cls, v: str | None) -> str | None:
+        return check_header_name(v) if v is not None else None
+
+    @field_validator("consumer_salt")
+    @classmethod
+    def _check_consumer_salt(cls, v: str | None) -> str | None:
+        if v is not None and len(v) < MIN_SALT_LENGTH:
+            # Never echo the value: it is a secret.
+            raise ValueError(
+                f"is shorter than {MIN_SALT_LENGTH} characters; use a long random string "
+                "(e.g. `openssl rand -hex 32`), the same for every replica"
+            )
+        return v
+
+    @field_validator("consumer_map")
+    @classmethod
+    def _check_consumer_map(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return None
+        if "consumer_header" in info.data and info.data["consumer_header"] is None:
+            raise ValueError(
+                "needs consumer_header (the request header whose consumers it names); "
+                "set --consumer-header / APITALLY_PROXY_CONSUMER_HEADER or remove it"
+            )
+        try:
+            read_consumer_map(v)  # checked here, loaded (and hashed) by the worker
+        except ConsumerMapError as exc:
+            raise ValueError(str(exc)) from None
+        return v
 
     # Derived views, so the rest of the code never re-parses strings.
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import re
 import signal
 import time
 from typing import Any
@@ -22,6 +23,13 @@ from apitally_proxy.hub.spool import Spool
 from apitally_proxy.hub.sync import HubSync
 from apitally_proxy.hub.transport import HubTransport, LocalTransport, Transport
 from apitally_proxy.metering import Meter
+from apitally_proxy.metering.identity import (
+    ConsumerIdentity,
+    ConsumerMapError,
+    build_names,
+    load_salt,
+    read_consumer_map,
+)
 from apitally_proxy.openapi import RouteDiscovery, RouteSet
 from apitally_proxy.proxy import Exchange, ReverseProxy
 from apitally_proxy.routes import MatchRules, RouteResolver, RouteTable, declared_routes
@@ -37,6 +45,7 @@ class Worker:
     def __init__(self, settings: Settings, slot: int = 0) -> None:
         self.settings = settings
         self.slot = slot
+        self.identity = _make_identity(settings)
         self.lease = acquire_instance(settings.state_dir, settings.client_id, settings.env, slot)
         self.routes = RouteResolver(
             settings.max_templates_per_method, base_path=settings.upstream_target.base_path
@@ -59,13 +68,17 @@ class Worker:
             upstream_trouble=lambda: sum(self.proxy.upstream_errors.values()),
         )
         self.meter = Meter(
-            self.routes, max_consumers=settings.max_consumers, framework=settings.framework
+            self.routes,
+            max_consumers=settings.max_consumers,
+            framework=settings.framework,
+            identity=self.identity,
         )
         self.transport = self._make_transport()
         self.request_log = self._make_request_log()
-        self.proxy = ReverseProxy(
-            settings, self._record, Captures(settings.framework, self.request_log)
+        captures = Captures(
+            settings.framework, self.request_log, keep_request_headers=self.identity is not None
         )
+        self.proxy = ReverseProxy(settings, self._record, captures)
         self.spool = Spool(
             self.lease.path.with_name(f"slot-{self.lease.slot}.spool"),
             max_bytes=settings.spool_max_bytes,
@@ -101,12 +114,19 @@ class Worker:
         if not s.request_logging:
             return None
         name = f"worker-{self.lease.slot}"
+        # The consumer header carries a credential: masked whatever its name.
+        masks = [f"^{re.escape(s.consumer_header)}$"] if s.consumer_header else []
         if isinstance(self.transport, HubTransport):
             return RequestLog(
-                s.request_log, s.state_dir / "request-log" / name, self.transport.send_log
+                s.request_log,
+                s.state_dir / "request-log" / name,
+                self.transport.send_log,
+                mask_headers=masks,
             )
         # Local mode: the files stay under the state dir, next to the local payloads.
-        return RequestLog(s.request_log, s.state_dir / "local" / "request-log" / name)
+        return RequestLog(
+            s.request_log, s.state_dir / "local" / "request-log" / name, mask_headers=masks
+        )
 
     def _record(self, exchange: Exchange) -> None:
         """The one call per finished request: meter it, then (maybe) log it."""
@@ -264,6 +284,34 @@ class Worker:
             await self._admin_runner.cleanup()
         self.lease.release()
         log.info("worker %d stopped", self.lease.slot)
+
+
+def _make_identity(settings: Settings) -> ConsumerIdentity | None:
+    """The consumer_header identity, or None when the feature is off."""
+    header = settings.consumer_header
+    if header is None:
+        return None
+    try:
+        salt = load_salt(settings.consumer_salt, settings.state_dir)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot keep the consumer salt under {settings.state_dir} ({exc}); make the "
+            "state dir writable or set APITALLY_PROXY_CONSUMER_SALT / `consumer_salt`"
+        ) from None
+    names: dict[str, tuple[str | None, str | None]] = {}
+    if settings.consumer_map is not None:
+        try:
+            names = build_names(read_consumer_map(settings.consumer_map), salt)
+        except ConsumerMapError as exc:
+            raise ConfigError(f"APITALLY_PROXY_CONSUMER_MAP / `consumer_map`: {exc}") from None
+    log.info(
+        "consumers identified by the %s request header (salted hash; salt from %s), "
+        "%d named in the consumer map",
+        header,
+        "consumer_salt" if settings.consumer_salt else settings.state_dir / "consumer-salt",
+        len(names),
+    )
+    return ConsumerIdentity(header, salt, names)
 
 
 async def serve(settings: Settings, slot: int = 0, reuse_port: bool = False) -> int:

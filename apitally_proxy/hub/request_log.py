@@ -132,10 +132,10 @@ class Masker:
     Pure and thread-safe enough for one writer thread (the caches are per instance).
     """
 
-    def __init__(self, config: RequestLogSettings) -> None:
+    def __init__(self, config: RequestLogSettings, mask_headers: Iterable[str] = ()) -> None:
         self.config = config
         self.mask_query = _Matcher([*config.mask_query_params, *MASK_QUERY_PARAMS])
-        self.mask_header = _Matcher([*config.mask_headers, *MASK_HEADERS])
+        self.mask_header = _Matcher([*config.mask_headers, *mask_headers, *MASK_HEADERS])
         self.mask_field = _Matcher([*config.mask_body_fields, *MASK_BODY_FIELDS])
 
     def line(self, item: Item) -> bytes:
@@ -290,7 +290,8 @@ class RequestLog:
     """Owns the request-log buffer, the writer thread, the files and their delivery.
 
     `send` posts one file to the hub; None (local mode) keeps the files under
-    `directory` instead, the newest MAX_FILES of them.
+    `directory` instead, the newest MAX_FILES of them. `mask_headers` are patterns
+    always masked on top of the configured and built-in ones (the consumer header).
     """
 
     def __init__(
@@ -299,11 +300,12 @@ class RequestLog:
         directory: Path,
         send: SendLog | None = None,
         max_buffered: int | None = None,
+        mask_headers: Iterable[str] = (),
     ) -> None:
         self.config = config
         self.directory = directory
         self._send = send
-        self._masker = Masker(config)
+        self._masker = Masker(config, mask_headers)
         self._exclude_path = _Matcher([*config.exclude_paths, *EXCLUDE_PATHS])
         self._exclude_agent = _Matcher([*config.exclude_user_agents, *EXCLUDE_USER_AGENTS])
         self._buffer: deque[Item] = deque()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from apitally_proxy.metering.consumers import ConsumerRegistry, parse_consumer
+from apitally_proxy.metering.identity import ConsumerIdentity
 from apitally_proxy.metering.requests import RequestCounter
 from apitally_proxy.metering.validation import (
     VALIDATION_STATUSES,
@@ -29,6 +30,8 @@ class Observed(Protocol):
     request_size: int | None
     response_size: int
     apitally_headers: dict[str, str] | None
+    # Set only when something reads them (consumer_header, the request log).
+    request_headers: Any
     # A bounded copy of the response body (error responses only) and its headers.
     response_body: Any
     response_headers: Any
@@ -45,9 +48,14 @@ class Meter:
     """Owns the aggregates for one worker; `record` is pure and synchronous."""
 
     def __init__(
-        self, resolver: TemplateResolver, max_consumers: int = 10_000, framework: str = "auto"
+        self,
+        resolver: TemplateResolver,
+        max_consumers: int = 10_000,
+        framework: str = "auto",
+        identity: ConsumerIdentity | None = None,
     ) -> None:
         self.resolver = resolver
+        self.identity = identity
         self.framework = framework
         self.requests = RequestCounter(max_consumers=max_consumers)
         self.consumers = ConsumerRegistry(max_size=max_consumers)
@@ -73,7 +81,7 @@ class Meter:
         if template is None:
             self.unmatched += 1
             return
-        consumer_id = None
+        consumer = None
         headers = ex.apitally_headers
         if headers is not None:
             consumer = parse_consumer(
@@ -81,9 +89,16 @@ class Meter:
                 headers.get(HEADER_CONSUMER_NAME),
                 headers.get(HEADER_CONSUMER_GROUP),
             )
-            if consumer is not None:
-                consumer_id = consumer.identifier
-                self.consumers.add_or_update(consumer)
+        # The app's own X-Apitally-Consumer wins. A credential the app refused (401)
+        # names no consumer: random keys must not crowd real consumers out of the cap.
+        if consumer is None and self.identity is not None and ex.status != 401:
+            request_headers = ex.request_headers
+            if request_headers is not None:
+                consumer = self.identity.identify(request_headers)
+        consumer_id = None
+        if consumer is not None:
+            consumer_id = consumer.identifier
+            self.consumers.add_or_update(consumer)
         ex.template = template
         ex.consumer = consumer_id
         self.requests.add_request(

@@ -1,0 +1,127 @@
+"""Hot-path cost of consumer_header: the identity lookup alone, and the whole proxy.
+
+Micro: ns per `ConsumerIdentity.identify` (cache hit, cache miss = one HMAC) and
+per `Meter.record` with and without an identity. Macro (needs wrk): CPU µs per
+request of a real proxy process with `--consumer-header X-API-Key` vs without,
+as bench/bench_logging.py measures logging. A few seconds per run.
+
+    .venv/bin/python bench/bench_consumer_header.py [--seconds 4] [--rounds 2] [--no-wrk]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import re
+import shutil
+import sys
+import tempfile
+import timeit
+from pathlib import Path
+
+import psutil
+from multidict import CIMultiDict, CIMultiDictProxy
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from apitally_proxy.metering import Meter
+from apitally_proxy.metering.identity import ConsumerIdentity
+from apitally_proxy.proxy import Exchange
+from tests.support.proxy_process import ProxyProcess
+from tests.support.upstream import Upstream
+
+SALT = b"bench-salt-0123456789abcdef"
+KEY = "sk_live_0123456789abcdef0123456789abcdef"
+
+
+class _Resolver:
+    framework = None
+
+    def resolve(self, method: str, path: str) -> str | None:
+        return "/items/{id}"
+
+
+def _ns(fn, n: int = 200_000) -> float:
+    return min(timeit.repeat(fn, number=n, repeat=5)) / n * 1e9
+
+
+def micro() -> None:
+    headers = CIMultiDictProxy(CIMultiDict({"Host": "x", "X-API-Key": KEY, "Accept": "*/*"}))
+    identity = ConsumerIdentity("X-API-Key", SALT)
+    identity.identify(headers)
+    keys = [CIMultiDictProxy(CIMultiDict({"X-API-Key": f"{KEY}-{i}"})) for i in range(100_000)]
+    it = itertools.cycle(keys)  # with a one-entry cache every lookup misses
+    miss = ConsumerIdentity("X-API-Key", SALT, cache_size=1)
+    print(f"identify, cache hit:   {_ns(lambda: identity.identify(headers)):7.0f} ns")
+    print(f"identify, cache miss:  {_ns(lambda: miss.identify(next(it)), 100_000):7.0f} ns")
+
+    def record(meter: Meter) -> None:
+        ex = Exchange("GET", "/items/1")
+        ex.status = 200
+        ex.request_headers = headers
+        meter.record(ex)
+
+    plain, with_id = Meter(_Resolver()), Meter(_Resolver(), identity=identity)
+    a, b = _ns(lambda: record(plain)), _ns(lambda: record(with_id))
+    print(f"Meter.record without:  {a:7.0f} ns")
+    print(f"Meter.record with:     {b:7.0f} ns  (+{b - a:.0f} ns)")
+
+
+async def run_once(upstream_url: str, on: bool, seconds: int, conns: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        args = ["--sync-interval", "2", "--framework", "none"]
+        if on:
+            args += ["--consumer-header", "X-API-Key"]
+        proxy = await ProxyProcess(upstream_url, Path(tmp) / "state", *args).start()
+        try:
+            cmd = ["wrk", "-t1", "-H", f"X-API-Key: {KEY}", proxy.url + "/items/1"]
+            warm = await asyncio.create_subprocess_exec(
+                *cmd, "-c2", "-d1s", stdout=asyncio.subprocess.DEVNULL
+            )
+            await warm.wait()
+            p = psutil.Process(proxy.pid)
+            before = p.cpu_times()
+            wrk = await asyncio.create_subprocess_exec(
+                *cmd, f"-c{conns}", f"-d{seconds}s", stdout=asyncio.subprocess.PIPE
+            )
+            out = (await wrk.communicate())[0].decode()
+            after = p.cpu_times()
+        finally:
+            await proxy.stop()
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    cpu = (after.user - before.user) + (after.system - before.system)
+    return {
+        "consumer_header": on,
+        "rps": round(requests / seconds),
+        "cpu_us_per_request": round(cpu / requests * 1e6, 1),
+    }
+
+
+async def macro(seconds: int, conns: int, rounds: int) -> None:
+    upstream = await Upstream().start()
+    try:
+        for _ in range(rounds):
+            for on in (False, True):
+                print(await run_once(upstream.url, on, seconds, conns), flush=True)
+    finally:
+        await upstream.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=int, default=4)
+    ap.add_argument("--connections", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--no-wrk", action="store_true")
+    a = ap.parse_args()
+    micro()
+    if a.no_wrk:
+        return
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed (apt-get install -y wrk); use --no-wrk")
+    asyncio.run(macro(a.seconds, a.connections, a.rounds))
+
+
+if __name__ == "__main__":
+    main()
