@@ -9,13 +9,14 @@ import aiohttp
 
 async def test_workers_share_the_port_and_counts_add_up(hub, upstream, start_proxy, hub_args):
     proxy = await start_proxy(upstream.url, *hub_args, "--workers", "2")
+    # Health answers once worker 0 is up; wait until both have announced themselves.
+    await hub.wait_for(lambda: len({p["instance_uuid"] for p in hub.accepted("startup")}) == 2)
     sent = 0
     # Fresh connections spread over the workers (SO_REUSEPORT balances per connection).
     for i in range(60):
         async with aiohttp.ClientSession() as s, s.get(f"{proxy.url}/items/{i}") as r:
             assert r.status == 200
             sent += 1
-    await hub.wait_for(lambda: len({p["instance_uuid"] for p in hub.accepted("startup")}) == 2)
     assert await proxy.stop() == 0
     assert hub.request_counts() == {(None, "GET", "/items/{id}", 200): sent}
     instances = {p["instance_uuid"] for p in hub.accepted("sync") if p["requests"]}

@@ -77,6 +77,7 @@ class HubSync:
         self._deliver_lock = asyncio.Lock()
         self._process = psutil.Process()
         self._process.cpu_percent()  # prime the CPU counter
+        self._resources_primed = False
         self.stopped = False  # the hub said 404: nothing more is sent
         self.queued = 0
         self.sent = 0
@@ -185,9 +186,10 @@ class HubSync:
         await self.transport.close()
 
     def _resources(self) -> dict[str, Any] | None:
-        if self.last_sync is None:
+        if not self._resources_primed:
             # Like the official clients: no reading at the first sync, since the CPU
             # counter was primed only moments ago and would report noise.
+            self._resources_primed = True
             return None
         try:
             return {
