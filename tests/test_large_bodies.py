@@ -39,6 +39,7 @@ async def test_1gb_upload_and_download_keep_memory_flat(upstream, http, start_pr
     stop.set()
     await sampler
     growth = max(peaks) - baseline
+    print(f"RSS growth while streaming 1 GiB each way: {growth / 1e6:.1f} MB")
     assert growth < 40 * 1024 * 1024, f"RSS grew by {growth / 1e6:.1f} MB"
     assert await proxy.stop() == 0
     rows = hub.request_rows()
