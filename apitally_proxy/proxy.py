@@ -14,15 +14,14 @@ import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from contextvars import ContextVar
 from typing import Protocol
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from apitally_proxy.config import Settings, Upstream
+from apitally_proxy.upstream import InvalidResponse, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger("apitally_proxy.proxy")
 
@@ -158,61 +157,35 @@ class ReverseProxy:
         self, settings: Settings, recorder: Recorder, capture: CapturePolicy | None = None
     ) -> None:
         self._upstream: Upstream = settings.upstream_target
-        self._base = self._upstream.origin + self._upstream.base_path
+        self._base_path = self._upstream.base_path
         self._recorder = recorder
         self._capture = capture
         self._trusted = settings.trusted_networks
         self._trust_cache: dict[str, bool] = {}
-        self._timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=None,
-            sock_connect=settings.upstream_connect_timeout,
-            sock_read=settings.upstream_timeout,
-        )
-        self._keepalive = settings.upstream_keepalive
         self._max_header_bytes = settings.max_header_bytes
         # Below this many fields the parser's per-field limit already bounds the total.
         self._header_sum_threshold = settings.max_header_bytes // (2 * settings.max_field_size)
-        self._pool_size = settings.upstream_pool_size
-        self._session: aiohttp.ClientSession | None = None
+        self._pool = UpstreamPool(
+            self._upstream,
+            connect_timeout=settings.upstream_connect_timeout,
+            read_timeout=settings.upstream_timeout,
+            keepalive=settings.upstream_keepalive,
+            limit=settings.upstream_pool_size,
+        )
         self.in_flight = 0
         self.upstream_errors: dict[str, int] = {}
-        self.retries = 0
         self.refused = 0
 
+    @property
+    def retries(self) -> int:
+        """Requests re-sent after a stale pooled connection."""
+        return self._pool.retries
+
     async def start(self) -> None:
-        """Open the keep-alive pool to the upstream."""
-        if self._upstream.socket_path is not None:
-            connector: aiohttp.BaseConnector = _ReuseNotingUnixConnector(
-                path=self._upstream.socket_path,
-                keepalive_timeout=self._keepalive,
-                limit=self._pool_size,
-            )
-        else:
-            connector = _ReuseNotingTCPConnector(
-                keepalive_timeout=self._keepalive,
-                limit=self._pool_size,
-                ttl_dns_cache=10,
-                use_dns_cache=True,
-            )
-        session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=self._timeout,
-            auto_decompress=False,
-            # Never keep cookies: a shared jar would leak one client's cookies to the next.
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type", "Accept"),
-            trust_env=False,
-        )
-        # aiohttp's own retry would also resend requests with (streamed) bodies; we
-        # retry ourselves, only where it is safe.
-        session._retry_connection = False
-        self._session = session
+        """Nothing to open in advance: the pool connects on first use."""
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._pool.close()
 
     def _peer_trusted(self, peer: str | None) -> bool:
         if not self._trusted or not peer:
@@ -321,13 +294,12 @@ class ReverseProxy:
             exchange.status = refusal.status
             exchange.refused = True
             return refusal
-        assert self._session is not None, "ReverseProxy.start() was not awaited"
-        url = URL(self._base + request.rel_url.raw_path_qs, encoded=True)
+        target = self._base_path + request.rel_url.raw_path_qs
         headers = self._upstream_headers(request)
         has_body = request.body_exists
 
         try:
-            upstream = await self._send(request, method, url, headers, has_body, exchange)
+            upstream = await self._send(request, method, target, headers, has_body, exchange)
         except Exception as exc:
             return self._error_response(exchange, exc)
         exchange.response_time = time.perf_counter() - started
@@ -341,36 +313,35 @@ class ReverseProxy:
         self,
         request: web.BaseRequest,
         method: str,
-        url: URL,
+        target: str,
         headers: CIMultiDict[str],
         has_body: bool,
         exchange: Exchange,
-    ) -> aiohttp.ClientResponse:
-        assert self._session is not None
+    ) -> UpstreamResponse:
+        chunked = has_body and request.content_length is None
+        if chunked:
+            headers["Transfer-Encoding"] = "chunked"  # re-framed: the client's TE was hop-by-hop
+        if "Host" not in headers:
+            headers["Host"] = self._pool.default_host  # HTTP/1.0 clients may send none
         body = self._stream_body(request, exchange) if has_body else None
-        _reused_connection.set(False)
-        try:
-            return await self._session.request(
-                method, url, headers=headers, data=body, allow_redirects=False
-            )
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            # A pooled connection the upstream had already closed: safe to retry once,
-            # but only when nothing the client sent could be lost or duplicated.
-            if (
-                has_body
-                or not _reused_connection.get()
-                or method not in IDEMPOTENT_METHODS
-                or isinstance(exc, aiohttp.ClientConnectorError)
-            ):
-                raise
-            self.retries += 1
-            return await self._session.request(method, url, headers=headers, allow_redirects=False)
+        # Only a request that can be re-sent without losing or repeating anything the
+        # client sent may be retried on a fresh connection.
+        retry_stale = not has_body and method in IDEMPOTENT_METHODS
+        return await self._pool.request(method, target, headers, body, chunked, retry_stale)
 
     async def _stream_body(
         self, request: web.BaseRequest, exchange: Exchange
     ) -> AsyncIterator[bytes]:
         exchange.request_size = 0
         capture = exchange.request_body
+        if (
+            request.version >= (1, 1)
+            and request.headers.get("Expect", "").lower() == "100-continue"
+            and request.writer is not None
+        ):
+            # The client waits for this before sending the body; the upstream never sees
+            # the Expect header (the body is already on its way when it would answer).
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         async for chunk in request.content.iter_any():
             exchange.request_size += len(chunk)
             if capture is not None:
@@ -378,7 +349,7 @@ class ReverseProxy:
             yield chunk
 
     async def _relay(
-        self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, exchange: Exchange
+        self, request: web.BaseRequest, upstream: UpstreamResponse, exchange: Exchange
     ) -> web.StreamResponse:
         """Copy the upstream response to the client, streaming the body."""
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
@@ -443,7 +414,7 @@ class ReverseProxy:
             status, kind, reason = 504, "timeout", "the upstream did not answer in time"
         elif isinstance(exc, aiohttp.ClientConnectorError):
             status, kind, reason = 502, "connect", "the upstream refused the connection"
-        elif isinstance(exc, aiohttp.ClientResponseError):
+        elif isinstance(exc, (InvalidResponse, aiohttp.ClientResponseError)):
             status, kind, reason = 502, "protocol", "the upstream sent an invalid response"
         elif isinstance(exc, (aiohttp.ClientConnectionError, OSError)):
             status, kind, reason = 502, "reset", "the upstream closed the connection"
@@ -463,25 +434,3 @@ class ReverseProxy:
             exc,
         )
         return web.Response(status=status, text=f"{status} {reason}\n")
-
-
-# Set by the connectors below when a request got a pooled (reused) connection;
-# read by ReverseProxy._send to decide whether a failure may be retried. The
-# connector runs inside the request's task, so the value is per request.
-_reused_connection: ContextVar[bool] = ContextVar("apitally_proxy_reused", default=False)
-
-
-class _ReuseNotingTCPConnector(aiohttp.TCPConnector):
-    async def _get(self, key, traces):  # type: ignore[no-untyped-def]
-        conn = await super()._get(key, traces)
-        if conn is not None:
-            _reused_connection.set(True)
-        return conn
-
-
-class _ReuseNotingUnixConnector(aiohttp.UnixConnector):
-    async def _get(self, key, traces):  # type: ignore[no-untyped-def]
-        conn = await super()._get(key, traces)
-        if conn is not None:
-            _reused_connection.set(True)
-        return conn

@@ -404,3 +404,177 @@ async def test_many_concurrent_requests(upstream, http, start_proxy):
 
     statuses = await asyncio.gather(*(one(i) for i in range(300)))
     assert statuses == [200] * 300
+
+
+async def raw_server(handler):
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def test_upstream_answering_before_reading_the_body_is_relayed(http, start_proxy):
+    """An upstream may refuse an upload (413, 401) without reading it: no hang, no 502."""
+
+    async def early(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 3\r\n\r\nbig")
+        await writer.drain()
+        await asyncio.sleep(0.5)
+        writer.transport.abort()
+
+    server, port = await raw_server(early)
+    try:
+        proxy = await start_proxy(f"http://127.0.0.1:{port}")
+
+        async def upload():
+            for _ in range(400):
+                yield b"u" * 65536
+
+        async with http.post(proxy.url + "/upload", data=upload()) as r:
+            assert r.status == 413
+            assert await r.read() == b"big"
+        async with http.get(proxy.url + "/again") as r:  # a fresh connection is used
+            assert r.status == 413
+    finally:
+        server.close()
+
+
+async def test_interim_1xx_responses_are_skipped(http, start_proxy):
+    async def hints(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+        )
+        await writer.drain()
+        writer.close()
+
+    server, port = await raw_server(hints)
+    try:
+        proxy = await start_proxy(f"http://127.0.0.1:{port}")
+        async with http.get(proxy.url + "/x") as r:
+            assert r.status == 200
+            assert await r.read() == b"ok"
+    finally:
+        server.close()
+
+
+async def test_connection_close_from_the_upstream_is_honoured(http, start_proxy):
+    connections = 0
+
+    async def closing(reader, writer):
+        nonlocal connections
+        head = await reader.readuntil(b"\r\n\r\n")
+        connections += head.startswith(b"GET /x ")  # not the proxy's OpenAPI probes
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    server, port = await raw_server(closing)
+    try:
+        proxy = await start_proxy(f"http://127.0.0.1:{port}")
+        for _ in range(3):
+            async with http.get(proxy.url + "/x") as r:
+                assert r.status == 200
+        assert connections == 3
+        assert (await proxy.status())["upstream_retries"] == 0
+    finally:
+        server.close()
+
+
+async def test_idle_upstream_connections_are_reused_then_closed_after_the_keepalive(
+    http, start_proxy, tmp_path
+):
+    opened, closed = 0, 0
+
+    async def keepalive(reader, writer):
+        nonlocal opened, closed
+        served = False
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if head.startswith(b"GET /x ") and not served:  # not an OpenAPI probe
+                    served = True
+                    opened += 1
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            closed += served
+
+    server, port = await raw_server(keepalive)
+    cfg = tmp_path / "p.toml"
+    cfg.write_text("upstream_keepalive = 0.3\n")
+    try:
+        proxy = await start_proxy(f"http://127.0.0.1:{port}", "--config", str(cfg))
+        for _ in range(5):
+            async with http.get(proxy.url + "/x") as r:
+                assert r.status == 200
+        assert opened == 1  # one pooled connection served all five
+        await asyncio.sleep(1.2)
+        assert closed == 1  # the proxy closed it once idle for longer than the keep-alive
+    finally:
+        server.close()
+
+
+async def test_pool_size_limit_queues_requests_instead_of_failing(
+    upstream, http, start_proxy, tmp_path
+):
+    cfg = tmp_path / "p.toml"
+    cfg.write_text("upstream_pool_size = 2\n")
+    proxy = await start_proxy(upstream.url, "--config", str(cfg))
+
+    async def one():
+        async with http.get(proxy.url + "/slow?delay=0.2") as r:
+            return r.status
+
+    assert await asyncio.gather(*(one() for _ in range(6))) == [200] * 6
+
+
+async def test_expect_100_continue_uploads_pass(upstream, start_proxy):
+    proxy = await start_proxy(upstream.url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(
+        b"POST /sink HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n"
+        b"Connection: close\r\n\r\n"
+    )
+    await writer.drain()
+    assert (await reader.readline()).startswith(b"HTTP/1.1 100")
+    assert await reader.readline() == b"\r\n"
+    writer.write(b"hello")
+    await writer.drain()
+    response = await reader.read()
+    writer.close()
+    assert response.startswith(b"HTTP/1.1 200")
+    assert b'"received": 5' in response
+
+
+async def test_http10_client_without_host_gets_a_host_upstream(upstream, start_proxy):
+    proxy = await start_proxy(upstream.url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"GET /headers HTTP/1.0\r\n\r\n")
+    await writer.drain()
+    response = await reader.read()
+    writer.close()
+    assert response.startswith(b"HTTP/1.0 200")
+    body = orjson.loads(response.split(b"\r\n\r\n", 1)[1])
+    sent = {k.lower(): v for k, v in body["headers"]}
+    assert sent["host"] == f"127.0.0.1:{upstream.port}"
+
+
+async def test_304_with_validators_passes_without_a_body(http, start_proxy):
+    app = web.Application()
+
+    async def cached(request):
+        return web.Response(status=304, headers={"ETag": '"v1"', "Cache-Control": "max-age=60"})
+
+    app.router.add_get("/c", cached)
+    up = await Upstream(app).start()
+    try:
+        proxy = await start_proxy(up.url)
+        async with http.get(proxy.url + "/c", headers={"If-None-Match": '"v1"'}) as r:
+            assert r.status == 304
+            assert r.headers["ETag"] == '"v1"'
+            assert await r.read() == b""
+        async with http.get(proxy.url + "/c") as r:  # the connection is still usable
+            assert r.status == 304
+    finally:
+        await up.stop()
