@@ -177,41 +177,30 @@ class UpstreamPool:
         """
         if self._slots is not None:
             await self._slots.acquire()
-        proto = self._take_idle()
-        try:
-            if proto is None:
-                return await self._exchange(
-                    await self._open(), method, target, headers, body, chunked
-                )
+
+        async def exchange_on(proto: ResponseHandler) -> UpstreamResponse:
             try:
                 return await self._exchange(proto, method, target, headers, body, chunked)
-            except (ServerDisconnectedError, ClientOSError):
-                proto.close()
-                if not retry_stale:
-                    raise
-            self.retries += 1
-            return await self._exchange(await self._open(), method, target, headers, body, chunked)
+            except BaseException:
+                proto.close()  # never back to the pool after a failure
+                raise
+
+        try:
+            pooled = self._take_idle()
+            if pooled is not None:
+                try:
+                    return await exchange_on(pooled)
+                except (ServerDisconnectedError, ClientOSError):
+                    if not retry_stale:
+                        raise
+                self.retries += 1
+            return await exchange_on(await self._open())
         except BaseException:
             if self._slots is not None:
                 self._slots.release()
             raise
 
     async def _exchange(
-        self,
-        proto: ResponseHandler,
-        method: str,
-        target: str,
-        headers: CIMultiDict[str],
-        body: AsyncIterator[bytes] | None,
-        chunked: bool,
-    ) -> UpstreamResponse:
-        try:
-            return await self._exchange_on(proto, method, target, headers, body, chunked)
-        except BaseException:
-            proto.close()
-            raise
-
-    async def _exchange_on(
         self,
         proto: ResponseHandler,
         method: str,
