@@ -81,11 +81,17 @@ def _supervise(argv: list[str], settings: Settings) -> int:
     n = settings.workers
     procs: dict[int, subprocess.Popen[bytes]] = {}
 
+    spawned_at: dict[int, float] = {}
+    stopping = False
+
     def spawn(slot: int) -> None:
         cmd = [sys.executable, "-m", "apitally_proxy", *argv, "--worker-slot", str(slot)]
-        procs[slot] = subprocess.Popen(cmd)
-
-    stopping = False
+        # Own session: a terminal's Ctrl-C reaches the supervisor only, which forwards
+        # it once (the worker would read two signals as "skip the grace period").
+        procs[slot] = subprocess.Popen(cmd, start_new_session=True)
+        spawned_at[slot] = time.monotonic()
+        if stopping:  # a signal arrived while we were spawning: pass it on
+            procs[slot].send_signal(signal.SIGTERM)
 
     def forward(signum: int, _frame: Any) -> None:
         nonlocal stopping
@@ -98,7 +104,6 @@ def _supervise(argv: list[str], settings: Settings) -> int:
     signal.signal(signal.SIGINT, forward)
     for slot in range(n):
         spawn(slot)
-    started = time.monotonic()
     exit_code = 0
     while procs:
         time.sleep(0.2)
@@ -107,15 +112,20 @@ def _supervise(argv: list[str], settings: Settings) -> int:
             if code is None:
                 continue
             del procs[slot]
-            if stopping:
-                exit_code = max(exit_code, code)
-            elif code == 2 or time.monotonic() - started < 2:
+            # A negative code is a worker killed by a signal: a failure too.
+            failed = code if code > 0 else (1 if code < 0 else 0)
+            if stopping or code == 0:
+                # Exit 0 is a worker told to stop (signalled directly, e.g. by a
+                # group-wide kill): not a crash, nothing to restart.
+                exit_code = max(exit_code, failed)
+            elif code == 2 or time.monotonic() - spawned_at[slot] < 2:
                 # A worker that cannot start is a config problem: stop everything.
                 log.error("worker %d exited with %d at start-up; stopping", slot, code)
                 forward(signal.SIGTERM, None)
-                exit_code = code or 1
+                exit_code = max(exit_code, failed or 1)
             else:
-                log.error("worker %d exited with %d; restarting it", slot, code)
+                log.error("worker %d exited with %d; restarting it in 1 s", slot, code)
+                time.sleep(1.0)  # no tight crash loop
                 spawn(slot)
     return exit_code
 

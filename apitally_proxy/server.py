@@ -36,6 +36,7 @@ from apitally_proxy.routes import MatchRules, RouteResolver, RouteTable, declare
 
 log = logging.getLogger("apitally_proxy")
 
+SECOND_SIGNAL_AFTER = 1.0  # seconds after the first before another signal means "hurry"
 GC_THRESHOLD = 20_000  # allocations between young-generation collections (default 700)
 
 
@@ -320,13 +321,20 @@ async def serve(settings: Settings, slot: int = 0, reuse_port: bool = False) -> 
     stop = asyncio.Event()
     hurry = asyncio.Event()
 
+    first_signal_at = 0.0
+
     def on_signal(signum: int) -> None:
+        nonlocal first_signal_at
+        now = time.monotonic()
         if not stop.is_set():
             log.info("%s received: draining", signal.Signals(signum).name)
+            first_signal_at = now
             stop.set()
-        else:
+        elif now - first_signal_at >= SECOND_SIGNAL_AFTER:
             log.warning("second signal: skipping the grace period")
             hurry.set()
+        # A second signal within moments is the same stop arriving twice (a process
+        # group signalled as a whole, the supervisor forwarding it): not a hurry.
 
     worker = Worker(settings, slot)
     for sig in (signal.SIGTERM, signal.SIGINT):

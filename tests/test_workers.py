@@ -33,3 +33,29 @@ async def test_supervisor_forwards_sigterm_and_workers_flush(
     await asyncio.gather(*(http.get(f"{proxy.url}/items/{i}") for i in range(20)))
     assert await proxy.stop() == 0
     assert sum(hub.request_counts().values()) == 20
+
+
+async def test_signalling_the_whole_process_group_still_drains(
+    hub, upstream, http, start_proxy, hub_args
+):
+    """systemd's control-group kill or a terminal's Ctrl-C signal every process at once:
+    the in-flight request still finishes (the repeat is not read as "hurry")."""
+    import os
+    import signal as sig
+
+    proxy = await start_proxy(upstream.url, *hub_args, "--workers", "2")
+    await hub.wait_for(lambda: len({p["instance_uuid"] for p in hub.accepted("startup")}) == 2)
+    slow = asyncio.ensure_future(http.get(proxy.url + "/slow?delay=1.5"))
+    await asyncio.sleep(0.3)
+    import psutil
+
+    # What a control-group kill does: every process gets the signal at the same moment
+    # (and the supervisor then forwards its own copy).
+    for child in psutil.Process(proxy.pid).children():
+        os.kill(child.pid, sig.SIGTERM)
+    proxy.proc.send_signal(sig.SIGTERM)
+    r = await slow
+    assert r.status == 200
+    assert await asyncio.wait_for(proxy.proc.wait(), 20) == 0
+    assert "skipping the grace period" not in proxy.log()
+    assert sum(hub.request_counts().values()) == 1  # the slow request, flushed
