@@ -91,7 +91,10 @@ class Spool:
         created_ns = time.time_ns()
         path = self.directory / f"{created_ns:020d}-{payload['message_uuid']}.json"
         _write_atomic(path, data)
-        self._enforce_bounds()
+        try:
+            self._enforce_bounds()
+        except OSError as exc:  # the payload itself is safe on disk; bounds next time
+            log.warning("could not enforce the spool's size bound (%s)", exc)
         return SpoolEntry(path, created_ns / 1e9, payload["message_uuid"], len(data))
 
     def load(self, entry: SpoolEntry) -> dict[str, Any] | None:

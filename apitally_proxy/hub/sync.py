@@ -35,6 +35,8 @@ T = TypeVar("T")
 
 
 class AggregateSource(Protocol):
+    recorded: int  # grows with every request recorded: tells whether anything changed
+
     def peek(self) -> dict[str, Any]: ...
 
     def get_and_reset(self) -> dict[str, Any]: ...
@@ -73,6 +75,8 @@ class HubSync:
         # Payloads the spool could not take (disk full): kept in memory instead.
         self._unspooled: list[dict[str, Any]] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._current_sync: asyncio.Future[None] | None = None
+        self._checkpointed_at = -1  # source.recorded at the last checkpoint
         self._state_lock = asyncio.Lock()  # closing an interval vs checkpointing it
         self._deliver_lock = asyncio.Lock()
         self._process = psutil.Process()
@@ -135,18 +139,24 @@ class HubSync:
                 # Shielded: a stop() arriving mid-delivery must not cut between the hub
                 # accepting a payload and its removal from the spool (it would be sent
                 # twice); stop() waits for this delivery through the delivery lock.
-                await asyncio.shield(self.sync_once())
+                self._current_sync = asyncio.ensure_future(self.sync_once())
+                await asyncio.shield(self._current_sync)
             except Exception:
                 log.exception("sync failed; will retry at the next interval")
             await asyncio.sleep(self.interval())
 
     async def _run_checkpoints(self) -> None:
+        pause = self._checkpoint_interval
         while True:
-            await asyncio.sleep(self._checkpoint_interval)
+            await asyncio.sleep(pause)
+            started = time.perf_counter()
             try:
                 await self.checkpoint_once()
             except Exception:
                 log.exception("checkpoint failed")
+            # Snapshotting runs on the event loop: when hostile cardinality makes it
+            # expensive, checkpoint less often so it never takes over 5% of the loop.
+            pause = max(self._checkpoint_interval, 20 * (time.perf_counter() - started))
 
     async def stop(
         self, final_sync_timeout: float = 10.0, hurry: asyncio.Event | None = None
@@ -162,6 +172,15 @@ class HubSync:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        current = self._current_sync
+        if current is not None and not current.done():
+            # The shielded sync the loop was in: let it finish (its delivery and hooks)
+            # before the transport closes, within the same bound.
+            await asyncio.wait({current}, timeout=final_sync_timeout)
+            if not current.done():
+                current.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await current
         await self.close_interval()
         delivery = asyncio.ensure_future(self.deliver())
         waiters: set[asyncio.Future[Any]] = {delivery}
@@ -202,6 +221,9 @@ class HubSync:
     async def checkpoint_once(self) -> None:
         """Write the open interval's aggregates to disk (skipped while empty)."""
         async with self._state_lock:
+            recorded = self._source.recorded
+            if self.stopped or recorded == self._checkpointed_at:
+                return  # nothing new since the last checkpoint (or nothing will be sent)
             aggregates = self._source.peek()
             if not any(aggregates[k] for k in AGGREGATE_KEYS):
                 return
@@ -209,6 +231,7 @@ class HubSync:
                 self.instance_uuid, aggregates, None, message_uuid=self._next_message_uuid
             )
             await self._io(self.spool.write_checkpoint, payload)
+            self._checkpointed_at = recorded
 
     async def close_interval(self) -> None:
         """Turn the open interval into a durable payload and start a new interval."""
@@ -232,7 +255,12 @@ class HubSync:
 
     def _spool_payload(self, payload: dict[str, Any]) -> None:
         self.spool.put(payload)
-        self.spool.clear_checkpoint()
+        try:
+            self.spool.clear_checkpoint()
+        except OSError as exc:
+            # The payload is durable; a stale checkpoint naming its message_uuid is
+            # recognised and dropped at recovery, so this is only worth a warning.
+            log.warning("could not remove the checkpoint (%s)", exc)
 
     async def sync_once(self) -> None:
         """Close the interval, deliver everything waiting, run the after-sync hooks."""
