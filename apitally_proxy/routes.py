@@ -404,6 +404,9 @@ def declared_routes(entries: Iterable[str]) -> list[Route]:
 # --- The resolver the meter calls ------------------------------------------
 
 
+MAX_CACHED_PATH = 256  # longer paths are templated on every request, never cached
+
+
 class RouteResolver:
     """Resolves request paths to templates: the route table when known, else heuristics."""
 
@@ -427,21 +430,29 @@ class RouteResolver:
         self.framework = framework
         return self.paths() != before
 
-    def resolve(self, method: str, path: str) -> str | None:
-        """The template to count this request under; None when a known route set has none."""
+    def resolve(self, method: str, path: str, learn: bool = True) -> str | None:
+        """The template to count this request under; None when it matches no route.
+
+        With heuristics, `learn=False` (the app answered 404/405: likely no such
+        route) resolves only to templates already seen, so scanners cannot fill the
+        per-method cap and push real endpoints first seen later into the overflow.
+        """
         table = self.table
         if table is not None:
             return table.match(method, self._base_path + path if self._base_path else path)
         template = self._cache.get(path)
         if template is None:
             template = template_segments(path)
-            if len(self._cache) >= self._cache_size:
-                self._cache.clear()
-            self._cache[path] = template
+            if len(path) <= MAX_CACHED_PATH:  # hostile long paths would pin memory
+                if len(self._cache) >= self._cache_size:
+                    self._cache.clear()
+                self._cache[path] = template
         seen = self._templates.get(method)
         if seen is None:
             seen = self._templates[method] = set()
         if template not in seen:
+            if not learn:
+                return None
             if len(seen) >= self._max_templates:
                 self.overflow += 1
                 return OVERFLOW_TEMPLATE

@@ -222,3 +222,23 @@ def test_route_overrides_are_vetted_and_capped():
     assert o.accept("GET", "/c") == OVERFLOW_TEMPLATE
     assert o.accept("GET", "/a/{x}") == "/a/{x}"
     assert o.overflow == 1
+
+
+def test_heuristics_do_not_learn_templates_from_404s():
+    from apitally_proxy.routes import RouteResolver
+
+    r = RouteResolver(max_templates_per_method=3)
+    for i in range(100):  # a scanner's 404s
+        assert r.resolve("GET", f"/wp-admin{i}.php", learn=False) is None
+    assert r.resolve("GET", "/users/1/orders/2") == "/users/{id}/orders/{id2}"
+    assert r.resolve("GET", "/users/9/orders/9", learn=False) == "/users/{id}/orders/{id2}"
+    assert r.overflow == 0
+
+
+def test_long_paths_are_not_cached():
+    from apitally_proxy.routes import MAX_CACHED_PATH, RouteResolver
+
+    r = RouteResolver(max_templates_per_method=10_000)
+    for i in range(100):
+        r.resolve("GET", "/" + "a" * (MAX_CACHED_PATH + 10) + str(i))
+    assert r._cache == {}

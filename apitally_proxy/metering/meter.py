@@ -14,6 +14,8 @@ from apitally_proxy.metering.validation import (
 )
 from apitally_proxy.routes import RouteOverrides
 
+# Statuses that suggest the path is no route of the app: heuristics don't learn from them.
+NO_ROUTE_STATUSES = frozenset({404, 405})
 HEADER_CONSUMER = "x-apitally-consumer"
 HEADER_CONSUMER_NAME = "x-apitally-consumer-name"
 HEADER_CONSUMER_GROUP = "x-apitally-consumer-group"
@@ -41,7 +43,7 @@ class Observed(Protocol):
 
 
 class TemplateResolver(Protocol):
-    def resolve(self, method: str, path: str) -> str | None: ...
+    def resolve(self, method: str, path: str, learn: bool = True) -> str | None: ...
 
 
 class Meter:
@@ -76,13 +78,12 @@ class Meter:
         route = headers.get(HEADER_ROUTE) if headers is not None else None
         # The app naming the route itself (X-Apitally-Route) wins over any route source.
         template = (route is not None and self.route_overrides.accept(ex.method, route)) or (
-            self.resolver.resolve(ex.method, ex.path)
+            self.resolver.resolve(ex.method, ex.path, ex.status not in NO_ROUTE_STATUSES)
         )
         if template is None:
             self.unmatched += 1
             return
         consumer = None
-        headers = ex.apitally_headers
         if headers is not None:
             consumer = parse_consumer(
                 headers.get(HEADER_CONSUMER),

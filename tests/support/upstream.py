@@ -139,7 +139,15 @@ def build_app() -> web.Application:
     r.add_get("/abort", abort_mid_body)
     r.add_get("/cookies", cookies)
     r.add_route("*", "/users/{uid}/orders/{oid}", item_pair)
+    r.add_get("/any/{tail:.*}", anything)
     return app
+
+
+async def anything(request: web.Request) -> web.Response:
+    """200 for any path below /any/: lets tests create unbounded distinct routes."""
+    resp = web.json_response({"path": request.path})
+    _consumer_headers(request, resp)
+    return resp
 
 
 async def item_pair(request: web.Request) -> web.Response:
