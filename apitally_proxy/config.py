@@ -30,6 +30,7 @@ from apitally_proxy.routes import parse_declared
 
 DEFAULT_HUB_URL = "https://hub.apitally.io"
 ENV_PATTERN = re.compile(r"^[\w-]{1,32}$")
+HUB_URL_PATTERN = re.compile(r"^https?://[^/\s?#]+(/[^\s?#]*)?$")
 FRAMEWORKS = ("starlette", "fastapi", "flask", "litestar", "fastify")
 CLIENT_TAGS = {
     "starlette": "python:starlette",
@@ -415,9 +416,9 @@ class Settings(BaseSettings):
     @field_validator("hub_url")
     @classmethod
     def _check_hub_url(cls, v: str) -> str:
-        if not re.match(r"^https?://[^/]+", v):
-            raise ValueError(f"{v!r} is not an http(s) URL")
-        return v.rstrip("/")
+        # Never an error here: a bad hub URL is an Apitally setting, and those must not
+        # stop traffic (see hub_problem).
+        return v.strip().rstrip("/")
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod
@@ -519,6 +520,11 @@ class Settings(BaseSettings):
             return (
                 f"env {self.env!r} is invalid: APITALLY_ENV / --env must be 1-32 letters, "
                 "digits, '_' or '-'"
+            )
+        if not HUB_URL_PATTERN.match(self.hub_url):
+            return (
+                f"hub URL {self.hub_url!r} is not an http(s) URL: fix APITALLY_HUB_BASE_URL / "
+                f"--hub-url (default {DEFAULT_HUB_URL})"
             )
         return None
 

@@ -42,6 +42,10 @@ HOP_BY_HOP = frozenset(
 # The proxy answers `Expect: 100-continue` itself and re-frames the body, so these
 # are recomputed rather than copied.
 REQUEST_RECOMPUTED = frozenset({"expect", "content-length"})
+# Set by the proxy on every request, from the peer (or a trusted hop's values).
+FORWARDED_REWRITTEN = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
+# Other ways a client claims an address, scheme or prefix: kept only from trusted hops.
+CLIENT_ADDRESS_CLAIMS = frozenset({"forwarded", "x-real-ip", "x-client-ip", "true-client-ip"})
 APITALLY_PREFIX = "x-apitally-"
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 STATUS_CLIENT_CLOSED = 499
@@ -206,6 +210,8 @@ class ReverseProxy:
         """The request headers as the upstream should see them."""
         incoming = request.headers
         extra = _connection_tokens(incoming) if "Connection" in incoming else set()
+        peer = request.remote or ""
+        trusted = self._peer_trusted(peer)
         headers: CIMultiDict[str] = CIMultiDict()
         for name, value in incoming.items():
             lname = name.lower()
@@ -214,7 +220,13 @@ class ReverseProxy:
                 or lname in REQUEST_RECOMPUTED
                 # A client must never pose as a consumer or a route.
                 or lname.startswith(APITALLY_PREFIX)
-                or lname.startswith("x-forwarded-")
+                # Client-address claims count only from a trusted hop (For/Proto/Host
+                # are rewritten below either way).
+                or (lname in FORWARDED_REWRITTEN)
+                or (
+                    not trusted
+                    and (lname in CLIENT_ADDRESS_CLAIMS or lname.startswith("x-forwarded-"))
+                )
             ):
                 continue
             headers.add(name, value)
@@ -222,8 +234,7 @@ class ReverseProxy:
         if length is not None:
             headers["Content-Length"] = str(length)
 
-        peer = request.remote or ""
-        if self._peer_trusted(peer):
+        if trusted:
             # Keep what the trusted hop said, add ourselves to the chain.
             chain = ", ".join(incoming.getall("X-Forwarded-For", ()))
             headers["X-Forwarded-For"] = f"{chain}, {peer}" if chain else peer
@@ -324,6 +335,8 @@ class ReverseProxy:
         if "Host" not in headers:
             headers["Host"] = self._pool.default_host  # HTTP/1.0 clients may send none
         body = self._stream_body(request, exchange) if has_body else None
+        if request.content_length == 0:
+            exchange.request_size = 0  # a declared empty body has a size, as in the clients
         # Only a request that can be re-sent without losing or repeating anything the
         # client sent may be retried on a fresh connection.
         retry_stale = not has_body and method in IDEMPOTENT_METHODS

@@ -336,7 +336,13 @@ async def serve(settings: Settings, slot: int = 0, reuse_port: bool = False) -> 
         # A second signal within moments is the same stop arriving twice (a process
         # group signalled as a whole, the supervisor forwarding it): not a hurry.
 
-    worker = Worker(settings, slot)
+    try:
+        worker = Worker(settings, slot)
+    except OSError as exc:
+        raise ConfigError(
+            f"state dir {settings.state_dir} is not usable ({exc.strerror or exc}); set "
+            "--state-dir / APITALLY_PROXY_STATE_DIR to a writable directory"
+        ) from None
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     try:

@@ -188,3 +188,43 @@ def test_listen_address_in_use_exits_non_zero_at_once(tmp_path):
         )
     assert proc.returncode == 2
     assert "cannot listen on 127.0.0.1:" in proc.stderr
+
+
+def test_bad_hub_url_disables_the_hub_but_never_fails_validation():
+    s = load_settings(
+        {
+            "upstream": "http://a:1",
+            "client_id": "3f2504e0-4f89-11d3-9a0c-0305e82c3301",
+            "hub_url": "hub.apitally.io",
+        }
+    )
+    assert not s.hub_enabled
+    assert "APITALLY_HUB_BASE_URL" in s.hub_problem
+
+
+def test_unusable_state_dir_exits_2_naming_the_setting(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "apitally_proxy",
+            "--upstream",
+            "http://127.0.0.1:1",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "off",
+            "--state-dir",
+            str(blocker / "state"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "--state-dir / APITALLY_PROXY_STATE_DIR" in lines[0]

@@ -36,7 +36,7 @@ def expected_id(credential: str, salt: bytes = SALT) -> str:
 class Resolver:
     framework = None
 
-    def resolve(self, method: str, path: str) -> str | None:
+    def resolve(self, method: str, path: str, learn: bool = True) -> str | None:
         return path
 
 

@@ -421,3 +421,14 @@ async def test_admin_metrics_expose_proxy_counters(upstream, http, start_proxy):
     async with http.get(proxy.admin_url + "/status") as r:
         assert r.status == 200
         assert "apitally-proxy" in await r.text()
+
+
+async def test_declared_empty_bodies_have_size_zero_like_the_clients(
+    hub, upstream, http, start_proxy, hub_args
+):
+    proxy = await start_proxy(upstream.url, *hub_args)
+    async with http.post(proxy.url + "/sink", data=b"") as r:  # Content-Length: 0
+        assert (await r.json())["received"] == 0
+    assert await proxy.stop() == 0
+    (row,) = [r for r in hub.request_rows() if r["path"] == "/sink"]
+    assert row["request_sizes"] == {"0": 1}

@@ -578,3 +578,39 @@ async def test_304_with_validators_passes_without_a_body(http, start_proxy):
             assert r.status == 304
     finally:
         await up.stop()
+
+
+async def test_untrusted_address_claims_are_dropped(upstream, http, start_proxy):
+    proxy = await start_proxy(upstream.url)
+    _, _, body = await get_json(
+        http,
+        proxy.url + "/headers",
+        headers={
+            "Forwarded": "for=6.6.6.6;proto=https",
+            "X-Real-IP": "6.6.6.6",
+            "X-Forwarded-Prefix": "/evil",
+        },
+    )
+    sent = {k.lower() for k, _ in body["headers"]}
+    assert not sent & {"forwarded", "x-real-ip", "x-forwarded-prefix"}
+
+
+async def test_trusted_hops_keep_their_other_forwarding_headers(
+    upstream, http, start_proxy, tmp_path
+):
+    cfg = tmp_path / "p.toml"
+    cfg.write_text('trusted_proxies = ["127.0.0.1"]\n')
+    proxy = await start_proxy(upstream.url, "--config", str(cfg))
+    _, _, body = await get_json(
+        http,
+        proxy.url + "/headers",
+        headers={
+            "X-Forwarded-Prefix": "/api",
+            "Forwarded": "for=203.0.113.9",
+            "X-Real-IP": "203.0.113.9",
+        },
+    )
+    sent = {k.lower(): v for k, v in body["headers"]}
+    assert sent["x-forwarded-prefix"] == "/api"
+    assert sent["forwarded"] == "for=203.0.113.9"
+    assert sent["x-real-ip"] == "203.0.113.9"
