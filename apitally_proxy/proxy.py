@@ -22,6 +22,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from apitally_proxy.config import Settings, Upstream
 from apitally_proxy.upstream import InvalidResponse, UpstreamPool, UpstreamResponse
+from apitally_proxy.websocket import WebSocketRelay, is_websocket_upgrade
 
 log = logging.getLogger("apitally_proxy.proxy")
 
@@ -169,6 +170,7 @@ class ReverseProxy:
         self._max_header_bytes = settings.max_header_bytes
         # Below this many fields the parser's per-field limit already bounds the total.
         self._header_sum_threshold = settings.max_header_bytes // (2 * settings.max_field_size)
+        self._websockets = WebSocketRelay(self._upstream, settings.upstream_connect_timeout)
         self._pool = UpstreamPool(
             self._upstream,
             connect_timeout=settings.upstream_connect_timeout,
@@ -190,6 +192,7 @@ class ReverseProxy:
 
     async def close(self) -> None:
         await self._pool.close()
+        await self._websockets.close()
 
     def _peer_trusted(self, peer: str | None) -> bool:
         if not self._trusted or not peer:
@@ -260,8 +263,10 @@ class ReverseProxy:
         try:
             return await self._forward(request, exchange, started)
         except asyncio.CancelledError:
-            # aiohttp cancels the handler when the client goes away.
-            exchange.status = STATUS_CLIENT_CLOSED
+            # aiohttp cancels the handler when the client goes away: a 499, unless it
+            # was a WebSocket session (101), which a client leaving simply ends.
+            if exchange.status != 101:
+                exchange.status = STATUS_CLIENT_CLOSED
             raise
         finally:
             self.in_flight -= 1
@@ -307,6 +312,11 @@ class ReverseProxy:
             return refusal
         target = self._base_path + request.rel_url.raw_path_qs
         headers = self._upstream_headers(request)
+        if is_websocket_upgrade(request):
+            try:
+                return await self._websockets.relay(request, target, headers, exchange, started)
+            except Exception as exc:
+                return self._error_response(exchange, exc)
         has_body = request.body_exists
 
         try:

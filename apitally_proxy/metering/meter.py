@@ -72,8 +72,8 @@ class Meter:
         """Count one request under (consumer, method, template, status)."""
         self.recorded += 1
         self.status_counts[ex.status] = self.status_counts.get(ex.status, 0) + 1
-        if ex.method == "OPTIONS":
-            return
+        if ex.method == "OPTIONS" or ex.status == 101:
+            return  # neither is counted by the official clients (101: a WebSocket session)
         headers = ex.apitally_headers
         route = headers.get(HEADER_ROUTE) if headers is not None else None
         # The app naming the route itself (X-Apitally-Route) wins over any route source.

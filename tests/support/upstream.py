@@ -140,7 +140,29 @@ def build_app() -> web.Application:
     r.add_get("/cookies", cookies)
     r.add_route("*", "/users/{uid}/orders/{oid}", item_pair)
     r.add_get("/any/{tail:.*}", anything)
+    r.add_get("/ws", websocket_echo)
+    r.add_get("/ws-denied", websocket_denied)
     return app
+
+
+async def websocket_echo(request: web.Request) -> web.WebSocketResponse:
+    """Echoes messages; says which subprotocol and cookie it saw first."""
+    ws = web.WebSocketResponse(protocols=("chat.v1",))
+    await ws.prepare(request)
+    await ws.send_str(f"hello protocol={ws.ws_protocol} cookie={request.headers.get('Cookie')}")
+    async for msg in ws:
+        if msg.type == web.WSMsgType.TEXT:
+            if msg.data == "close":
+                await ws.close(code=4001, message=b"bye")
+                break
+            await ws.send_str("echo:" + msg.data)
+        elif msg.type == web.WSMsgType.BINARY:
+            await ws.send_bytes(msg.data[::-1])
+    return ws
+
+
+async def websocket_denied(request: web.Request) -> web.Response:
+    return web.Response(status=403, text="no")
 
 
 async def anything(request: web.Request) -> web.Response:

@@ -1,0 +1,166 @@
+"""WebSocket upgrades: handshake with the upstream first, then relay messages both ways.
+
+The proxy cannot splice raw bytes under aiohttp's server, so it terminates the
+WebSocket on both sides and relays each message (text, binary, ping, pong,
+close) unchanged. The client only gets its 101 once the upstream has accepted;
+an upstream that refuses the upgrade answers the client with its own status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Protocol
+
+import aiohttp
+from aiohttp import WSMsgType, web
+from multidict import CIMultiDict
+from yarl import URL
+
+from apitally_proxy.config import Upstream
+
+# Generated afresh for the upstream handshake by aiohttp; never copied from the client.
+HANDSHAKE_HEADERS = (
+    "Sec-WebSocket-Key",
+    "Sec-WebSocket-Version",
+    "Sec-WebSocket-Extensions",
+    "Sec-WebSocket-Protocol",
+)
+
+
+class Observed(Protocol):
+    status: int
+    response_time: float
+    got_headers: bool
+    request_size: int | None
+    response_size: int
+
+
+def is_websocket_upgrade(request: web.BaseRequest) -> bool:
+    headers = request.headers
+    return (
+        request.method == "GET"
+        and headers.get("Upgrade", "").lower() == "websocket"
+        and "upgrade" in headers.get("Connection", "").lower()
+    )
+
+
+class WebSocketRelay:
+    """Owns the client session used for upstream WebSocket handshakes."""
+
+    def __init__(self, upstream: Upstream, connect_timeout: float) -> None:
+        self._upstream = upstream
+        self._connect_timeout = connect_timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector: aiohttp.BaseConnector | None = None
+            if self._upstream.socket_path is not None:
+                connector = aiohttp.UnixConnector(path=self._upstream.socket_path)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
+                skip_auto_headers=("User-Agent", "Accept-Encoding"),
+                trust_env=False,
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def relay(
+        self,
+        request: web.BaseRequest,
+        target: str,
+        headers: CIMultiDict[str],
+        exchange: Observed,
+        started: float,
+    ) -> web.StreamResponse:
+        """Connect to the upstream, accept the client, relay until either side closes.
+
+        Connection failures propagate (the caller answers 502/504).
+        """
+        protocols = [
+            p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
+        ]
+        for name in HANDSHAKE_HEADERS:
+            headers.popall(name, None)
+        url = URL(self._upstream.origin + target, encoded=True)
+        try:
+            upstream_ws = await self._get_session().ws_connect(
+                url,
+                headers=headers,
+                protocols=[p for p in protocols if p],
+                autoclose=False,
+                autoping=False,
+                max_msg_size=0,
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10.0),
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            # The upstream answered the upgrade with something else (401, 404…).
+            exchange.status = exc.status
+            exchange.got_headers = True
+            exchange.response_time = time.perf_counter() - started
+            return web.Response(status=exc.status, text=f"{exc.status} {exc.message}\n")
+        exchange.response_time = time.perf_counter() - started
+        exchange.got_headers = True
+        client_ws = web.WebSocketResponse(
+            protocols=[upstream_ws.protocol] if upstream_ws.protocol else (),
+            autoclose=False,
+            autoping=False,
+            max_msg_size=0,
+        )
+        try:
+            await client_ws.prepare(request)  # type: ignore[arg-type]
+            exchange.status = 101
+            exchange.request_size = 0
+            up = asyncio.ensure_future(_pump(client_ws, upstream_ws, exchange, upward=True))
+            down = asyncio.ensure_future(_pump(upstream_ws, client_ws, exchange, upward=False))
+            try:
+                await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (up, down):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+        finally:
+            await upstream_ws.close()
+            await client_ws.close()
+        return client_ws
+
+
+async def _pump(
+    src: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+    dst: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+    exchange: Observed,
+    upward: bool,
+) -> None:
+    """Copy messages from src to dst until a close; sizes count payload bytes."""
+    while True:
+        msg = await src.receive()
+        if msg.type is WSMsgType.TEXT:
+            data = msg.data.encode()
+            await dst.send_str(msg.data)
+        elif msg.type is WSMsgType.BINARY:
+            data = msg.data
+            await dst.send_bytes(msg.data)
+        elif msg.type is WSMsgType.PING:
+            await dst.ping(msg.data)
+            continue
+        elif msg.type is WSMsgType.PONG:
+            await dst.pong(msg.data)
+            continue
+        elif msg.type is WSMsgType.CLOSE:
+            await dst.close(code=msg.data or 1000, message=(msg.extra or "").encode())
+            return
+        else:  # CLOSING, CLOSED, ERROR: the other side is gone
+            return
+        if upward:
+            exchange.request_size = (exchange.request_size or 0) + len(data)
+        else:
+            exchange.response_size += len(data)
