@@ -120,7 +120,9 @@ class Worker:
         if isinstance(self.transport, HubTransport):
             return RequestLog(
                 s.request_log,
-                s.state_dir / "request-log" / name,
+                # Next to the instance: another client id or env on the same state dir
+                # must never upload (or clean up) these files.
+                self.lease.path.with_name(f"slot-{self.lease.slot}.request-log"),
                 self.transport.send_log,
                 mask_headers=masks,
             )

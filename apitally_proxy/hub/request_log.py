@@ -429,7 +429,7 @@ class RequestLog:
                 body = await self._io(path.read_bytes)
             except OSError as exc:
                 log.warning("request log file %s unreadable (%s); dropped", path, exc)
-                self._files.popleft()
+                self._forget(path)
                 self.files_dropped += 1
                 continue
             file_uuid = path.name.split(".", 1)[0]
@@ -441,7 +441,7 @@ class RequestLog:
                 return  # this file and the rest go out at the next sync
             if outcome is Outcome.STOP:
                 return  # the sync loop stops too; files stay on disk
-            self._files.popleft()
+            self._forget(path)
             await self._io(_unlink, path)
             if outcome is Outcome.ACCEPTED:
                 self.files_sent += 1
@@ -532,6 +532,12 @@ class RequestLog:
         if self._file is not None:
             self._file.discard()
             self._file = None
+
+    def _forget(self, path: Path) -> None:
+        # By identity, not position: the writer thread may have rotated or pruned
+        # the queue while this file was being uploaded.
+        with contextlib.suppress(ValueError):
+            self._files.remove(path)
 
     def _rotate(self) -> None:
         f = self._file
