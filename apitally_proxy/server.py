@@ -13,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
+from apitally_proxy import __version__
 from apitally_proxy.admin import build_admin_app
 from apitally_proxy.capture import Captures
 from apitally_proxy.config import CLIENT_TAGS, FRAMEWORKS, ConfigError, Settings
@@ -158,7 +159,7 @@ class Worker:
         s = self.settings
         problem = s.hub_problem or self.transport.last_error
         return {
-            "version": __import__("apitally_proxy").__version__,
+            "version": __version__,
             "upstream": str(s.upstream_target),
             "listen": s.listen,
             "worker_slot": self.lease.slot,
@@ -173,6 +174,7 @@ class Worker:
                 "count": len(self.routes.table) if self.routes.table is not None else None,
                 "framework": self.routes.framework,
                 "problem": self.discovery.last_error,
+                "fetches": self.discovery.fetches,
             },
             "consumer_overflow": self.meter.requests.consumer_overflow,
             "in_flight": self.proxy.in_flight,
@@ -192,6 +194,7 @@ class Worker:
                 "recovered_after_crash": self.sync.recovered,
                 "spool_dir": str(self.spool.directory),
                 "last_sync": self.sync.last_sync,
+                "last_success": self.transport.last_success,
                 "local_file": str(getattr(self.transport, "path", "")) or None,
             },
             "recent_payloads": list(getattr(self.transport, "recent", [])),

@@ -472,10 +472,6 @@ class RequestLog:
         finally:
             self._executor.shutdown(wait=True)
 
-    @property
-    def waiting_files(self) -> int:
-        return len(self._files)
-
     def status(self) -> dict[str, Any]:
         return {
             "directory": str(self.directory),

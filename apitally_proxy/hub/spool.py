@@ -143,10 +143,6 @@ class Spool:
                 dropped,
             )
 
-    @property
-    def bytes(self) -> int:
-        return sum(e.size for e in self.entries())
-
     # The open interval's checkpoint.
 
     def write_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -25,6 +25,9 @@ class Outcome(enum.Enum):
 
 
 class Transport(Protocol):
+    last_error: str | None  # for /health: why the last exchange failed
+    last_success: float | None  # for /status: when a payload was last taken
+
     async def send(self, kind: str, payload: dict[str, Any]) -> Outcome: ...
 
     async def close(self) -> None: ...
