@@ -37,7 +37,7 @@ HOP_BY_HOP = frozenset(
         "te",
         "trailer",
         "transfer-encoding",
-        "upgrade",
+        "upgrade",  # WebSocket upgrades are relayed by websocket.py, not forwarded
     }
 )
 # The proxy answers `Expect: 100-continue` itself and re-frames the body, so these
