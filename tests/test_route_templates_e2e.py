@@ -3,81 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
 import orjson
 import pytest
 
-from tests.support.proxy_process import free_port
+from tests.support.app_process import AppProcess, uvicorn_app
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class UvicornApp:
-    """An ASGI app from tests/apps/ served by uvicorn in a child process on 127.0.0.1."""
-
-    def __init__(self, target: str, port: int | None = None) -> None:
-        self.target = target
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self, ready_path: str, timeout: float = 20.0) -> UvicornApp:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("APITALLY_")}
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "uvicorn",
-            self.target,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--log-level",
-            "warning",
-            cwd=ROOT,
-            env=env,
-        )
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        async with aiohttp.ClientSession() as s:
-            while True:
-                if self.proc.returncode is not None:
-                    raise RuntimeError(f"uvicorn {self.target} exited with {self.proc.returncode}")
-                try:
-                    async with s.get(self.url + ready_path) as r:
-                        if r.status == 200:
-                            return self
-                except aiohttp.ClientError:
-                    pass
-                if loop.time() > deadline:
-                    raise RuntimeError(f"uvicorn {self.target} did not start")
-                await asyncio.sleep(0.05)
-
-    async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.terminate()
-            try:
-                await asyncio.wait_for(self.proc.wait(), 5)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-
-
 @pytest.fixture
-async def fastapi_app() -> AsyncIterator[UvicornApp]:
-    app = await UvicornApp("tests.apps.fastapi_app:app").start("/openapi.json")
+async def fastapi_app() -> AsyncIterator[AppProcess]:
+    app = await uvicorn_app("tests.apps.fastapi_app:app").start(ready_path="/openapi.json")
     yield app
     await app.stop()
 
 
 @pytest.fixture
-async def litestar_app() -> AsyncIterator[UvicornApp]:
-    app = await UvicornApp("tests.apps.litestar_app:app").start("/schema/openapi.json")
+async def litestar_app() -> AsyncIterator[AppProcess]:
+    app = await uvicorn_app("tests.apps.litestar_app:app").start(ready_path="/schema/openapi.json")
     yield app
     await app.stop()
 
@@ -222,8 +168,8 @@ async def test_an_app_restarted_with_other_routes_is_re_read_and_re_announced(
     await wait_for_routes(proxy, "/openapi.json")
     await fastapi_app.stop()
     assert await get(http, proxy.url + "/items/1") == 502  # the proxy notices the app is gone
-    replacement = await UvicornApp("tests.apps.litestar_app:app", fastapi_app.port).start(
-        "/schema/openapi.json"
+    replacement = await uvicorn_app("tests.apps.litestar_app:app", fastapi_app.port).start(
+        ready_path="/schema/openapi.json"
     )
     try:
         await wait_for_routes(proxy, "/schema/openapi.json")

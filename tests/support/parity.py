@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from typing import Any
 
 import aiohttp
 
+from tests.support.app_process import AppProcess
 from tests.support.fake_hub import FakeHub
 from tests.support.proxy_process import ProxyProcess, free_port
 
@@ -96,51 +96,6 @@ class ParityResult:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
-class ServerProcess:
-    """An app server as a child process on 127.0.0.1, with its own environment and log file."""
-
-    def __init__(self, argv: list[str], port: int, cwd: Path, env: dict[str, str], log: Path):
-        self.argv, self.port, self.cwd, self.env, self.log_path = argv, port, cwd, env, log
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self, timeout: float = 30.0) -> ServerProcess:
-        with open(self.log_path, "ab") as log:
-            self.proc = await asyncio.create_subprocess_exec(
-                *self.argv, cwd=self.cwd, env=self.env, stdout=log, stderr=log
-            )
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            if self.proc.returncode is not None:
-                raise RuntimeError(f"{self.argv} exited:\n{self.log()}")
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-                writer.close()
-                return self
-            except OSError:
-                if loop.time() > deadline:
-                    raise RuntimeError(f"{self.argv} did not listen:\n{self.log()}") from None
-                await asyncio.sleep(0.05)
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    async def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM, the way orchestrators stop a container; the official clients sync on it."""
-        if self.proc is None or self.proc.returncode is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(self.proc.wait(), timeout)
-        except TimeoutError:
-            self.proc.kill()
-            await self.proc.wait()
-
-
 def app_env(tmp: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("APITALLY_", "PARITY_"))}
     # The official client keeps instance lock files under $TMPDIR/apitally.
@@ -172,7 +127,7 @@ def _toml_list(values: tuple[str, ...]) -> str:
 async def _proxy_side(spec: AppSpec, tmp: Path) -> Side:
     hub = await FakeHub().start()
     port = free_port()
-    app = ServerProcess(spec.argv(port), port, spec.cwd, app_env(tmp), tmp / "plain-app.log")
+    app = AppProcess(spec.argv(port), port, spec.cwd, app_env(tmp), tmp / "plain-app.log")
     proxy: ProxyProcess | None = None
     try:
         await app.start()
@@ -227,7 +182,7 @@ async def _official_side(spec: AppSpec, tmp: Path) -> Side:
             "APITALLY_HUB_BASE_URL": hub.url,
         },
     )
-    app = ServerProcess(spec.argv(port), port, spec.cwd, env, tmp / "official-app.log")
+    app = AppProcess(spec.argv(port), port, spec.cwd, env, tmp / "official-app.log")
     try:
         await app.start()
         # The client is up once it has announced itself (the Flask one starts after 1 s).
