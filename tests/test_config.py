@@ -137,6 +137,21 @@ def test_example_config_file_is_valid():
     assert s.upstream
 
 
+def run_cli_expecting_exit_2(args: list[str], home) -> str:
+    """Run the real CLI; assert exit 2 with a one-line reason on stderr and return it."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "apitally_proxy", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(home)},
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
@@ -147,17 +162,7 @@ def test_example_config_file_is_valid():
     ],
 )
 def test_cli_config_errors_exit_2_with_one_line(args, needle, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "apitally_proxy", *args, "--state-dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
-    )
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert needle in lines[0]
+    assert needle in run_cli_expecting_exit_2([*args, "--state-dir", str(tmp_path)], tmp_path)
 
 
 def test_listen_address_in_use_exits_non_zero_at_once(tmp_path):
@@ -167,11 +172,8 @@ def test_listen_address_in_use_exits_non_zero_at_once(tmp_path):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        proc = subprocess.run(
+        line = run_cli_expecting_exit_2(
             [
-                sys.executable,
-                "-m",
-                "apitally_proxy",
                 "--upstream",
                 "http://127.0.0.1:1",
                 "--listen",
@@ -181,13 +183,9 @@ def test_listen_address_in_use_exits_non_zero_at_once(tmp_path):
                 "--state-dir",
                 str(tmp_path),
             ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+            tmp_path,
         )
-    assert proc.returncode == 2
-    assert "cannot listen on 127.0.0.1:" in proc.stderr
+    assert "cannot listen on 127.0.0.1:" in line
 
 
 def test_bad_hub_url_disables_the_hub_but_never_fails_validation():
@@ -205,11 +203,8 @@ def test_bad_hub_url_disables_the_hub_but_never_fails_validation():
 def test_unusable_state_dir_exits_2_naming_the_setting(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    proc = subprocess.run(
+    line = run_cli_expecting_exit_2(
         [
-            sys.executable,
-            "-m",
-            "apitally_proxy",
             "--upstream",
             "http://127.0.0.1:1",
             "--listen",
@@ -219,12 +214,6 @@ def test_unusable_state_dir_exits_2_naming_the_setting(tmp_path):
             "--state-dir",
             str(blocker / "state"),
         ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        tmp_path,
     )
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert "--state-dir / APITALLY_PROXY_STATE_DIR" in lines[0]
+    assert "--state-dir / APITALLY_PROXY_STATE_DIR" in line
