@@ -261,6 +261,8 @@ class Metered:
     endpoints: dict[tuple[str, str, int], Endpoint] = field(default_factory=dict)
     consumers: Counter[str | None] = field(default_factory=Counter)
     consumer_info: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
+    # (method, path, loc, msg) -> count, from the app's 422 bodies
+    validation_errors: Counter[tuple[str, str, str, str]] = field(default_factory=Counter)
 
     @property
     def total(self) -> int:
@@ -294,6 +296,9 @@ def read_local_output(directory: Path, since: float) -> Metered:
                     {int(b): n for b, n in row.get("response_times", {}).items()}
                 )
                 metered.consumers[row["consumer"]] += row["request_count"]
+            for err in payload.get("validation_errors", []):
+                key = (err["method"], err["path"], ".".join(map(str, err["loc"])), err["msg"])
+                metered.validation_errors[key] += err["error_count"]
             for consumer in payload.get("consumers", []):
                 metered.consumer_info[consumer["identifier"]] = (
                     consumer.get("name"),
@@ -380,6 +385,14 @@ def report(sent: Sent, metered: Metered, status: dict[str, Any], proxy_exit: int
     print("Metered per consumer (from the app's X-Apitally-Consumer* response headers)")
     print(consumer_table(metered, sent))
     print()
+    if metered.validation_errors:
+        print("Validation errors (read from the app's 422 response bodies)")
+        rows = [
+            (method, path, loc, msg, str(n))
+            for (method, path, loc, msg), n in sorted(metered.validation_errors.items())
+        ]
+        print(table(("METHOD", "PATH", "LOC", "MSG", "COUNT"), rows, {4}))
+        print()
 
     bytes_in = sum(e.bytes_in for e in metered.endpoints.values())
     bytes_out = sum(e.bytes_out for e in metered.endpoints.values())
