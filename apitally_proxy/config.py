@@ -336,6 +336,12 @@ class Settings(BaseSettings):
         0, env="APITALLY_PROXY_UPSTREAM_POOL_SIZE", ge=0, description="0 means unlimited"
     )
     client_keepalive: float = _setting(75.0, env="APITALLY_PROXY_CLIENT_KEEPALIVE", gt=0)
+    client_body_timeout: float = _setting(
+        60.0,
+        env="APITALLY_PROXY_CLIENT_BODY_TIMEOUT",
+        gt=0,
+        description="seconds a client may pause while sending a request body (408 after)",
+    )
     shutdown_grace: float = _setting(
         15.0,
         env="APITALLY_PROXY_SHUTDOWN_GRACE",

@@ -21,7 +21,12 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from apitally_proxy.config import Settings, Upstream
-from apitally_proxy.upstream import InvalidResponse, UpstreamPool, UpstreamResponse
+from apitally_proxy.upstream import (
+    ClientBodyError,
+    InvalidResponse,
+    UpstreamPool,
+    UpstreamResponse,
+)
 from apitally_proxy.websocket import WebSocketRelay, is_websocket_upgrade
 
 log = logging.getLogger("apitally_proxy.proxy")
@@ -177,6 +182,7 @@ class ReverseProxy:
             read_timeout=settings.upstream_timeout,
             keepalive=settings.upstream_keepalive,
             limit=settings.upstream_pool_size,
+            body_timeout=settings.client_body_timeout,
         )
         self.in_flight = 0
         self.upstream_errors: dict[str, int] = {}
@@ -433,6 +439,11 @@ class ReverseProxy:
 
     def _error_response(self, exchange: Exchange, exc: Exception) -> web.Response:
         """Map a failure to reach the upstream to 502/504, as nginx would."""
+        if isinstance(exc, ClientBodyError):
+            # The client's own body broke or stalled: its fault, not the upstream's.
+            exchange.status = exc.status
+            log.info("%s %s -> %d: %s", exchange.method, exchange.path, exc.status, exc)
+            return web.Response(status=exc.status, text=f"{exc.status} {exc}\n")
         if isinstance(exc, TimeoutError):
             status, kind, reason = 504, "timeout", "the upstream did not answer in time"
         elif isinstance(exc, aiohttp.ClientConnectorError):

@@ -37,22 +37,55 @@ class InvalidResponse(ClientError):
     """The upstream answered with something that is not HTTP/1.x."""
 
 
+class ClientBodyError(ClientError):
+    """The client's request body broke off, stalled or was malformed while being forwarded."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status  # 400 malformed or cut short, 408 stalled
+
+
+# Response heads come from our own app, not the internet: generous, but bounded.
+MAX_RESPONSE_LINE = 65536
+MAX_RESPONSE_HEADERS = 1000
+
+
+class _PooledProtocol(ResponseHandler):
+    """A ResponseHandler that is closed if the upstream sends anything while it is idle.
+
+    Bytes on an idle keep-alive connection (a 408, a late duplicate) would
+    otherwise be read as the answer to the next request sent on it.
+    """
+
+    idle = False
+
+    def data_received(self, data: bytes) -> None:
+        if self.idle:
+            self.force_close()
+            if self.transport is not None:
+                self.transport.close()
+            return
+        super().data_received(data)
+
+
 class UpstreamResponse:
     """The upstream's answer: status line and headers now, the body as a stream."""
 
-    __slots__ = ("_done", "_pool", "_proto", "content", "headers", "reason", "status")
+    __slots__ = ("_done", "_pool", "_proto", "_upload", "content", "headers", "reason", "status")
 
     def __init__(
         self,
         pool: UpstreamPool,
-        proto: ResponseHandler,
+        proto: _PooledProtocol,
         status: int,
         reason: str,
         headers: CIMultiDictProxy[str],
         content: StreamReader,
+        upload: _Upload | None = None,
     ) -> None:
         self._pool = pool
         self._proto = proto
+        self._upload = upload
         self._done = False
         self.status = status
         self.reason = reason
@@ -64,6 +97,10 @@ class UpstreamResponse:
         if self._done:
             return
         self._done = True
+        if self._upload is not None:
+            # An upload still running after the answer was relayed stops here, so the
+            # server alone drains (or drops) the rest of the client's body.
+            self._upload.cancel()
         self._pool._release(self._proto)
 
 
@@ -78,12 +115,14 @@ class UpstreamPool:
         read_timeout: float,
         keepalive: float,
         limit: int = 0,
+        body_timeout: float = 60.0,
     ) -> None:
         self._upstream = upstream
+        self._body_timeout = body_timeout
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._keepalive = keepalive
-        self._idle: deque[tuple[ResponseHandler, float]] = deque()
+        self._idle: deque[tuple[_PooledProtocol, float]] = deque()
         self._slots = asyncio.Semaphore(limit) if limit > 0 else None
         self._ssl = ssl.create_default_context() if upstream.scheme == "https" else None
         self._closed = False
@@ -97,18 +136,18 @@ class UpstreamPool:
 
     # Connections.
 
-    async def _open(self) -> ResponseHandler:
+    async def _open(self) -> _PooledProtocol:
         loop = asyncio.get_running_loop()
         up = self._upstream
         try:
             async with asyncio.timeout(self._connect_timeout):
                 if up.socket_path is not None:
                     _, proto = await loop.create_unix_connection(
-                        lambda: ResponseHandler(loop), up.socket_path
+                        lambda: _PooledProtocol(loop), up.socket_path
                     )
                 else:
                     _, proto = await loop.create_connection(
-                        lambda: ResponseHandler(loop),
+                        lambda: _PooledProtocol(loop),
                         up.host,
                         up.port,
                         ssl=self._ssl,
@@ -122,21 +161,23 @@ class UpstreamPool:
         self.opened += 1
         return proto
 
-    def _take_idle(self) -> ResponseHandler | None:
+    def _take_idle(self) -> _PooledProtocol | None:
         now = time.monotonic()
         while self._idle:
             proto, since = self._idle.pop()  # most recently used first: warmest
-            if proto.is_connected() and now - since < self._keepalive:
+            if proto.is_connected() and not proto.should_close and now - since < self._keepalive:
+                proto.idle = False
                 return proto
             proto.close()
         return None
 
-    def _release(self, proto: ResponseHandler) -> None:
+    def _release(self, proto: _PooledProtocol) -> None:
         if self._slots is not None:
             self._slots.release()
         if self._closed or proto.should_close or not proto.is_connected():
             proto.close()
             return
+        proto.idle = True
         self._idle.append((proto, time.monotonic()))
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().call_later(self._keepalive, self._sweep)
@@ -178,7 +219,7 @@ class UpstreamPool:
         if self._slots is not None:
             await self._slots.acquire()
 
-        async def exchange_on(proto: ResponseHandler) -> UpstreamResponse:
+        async def exchange_on(proto: _PooledProtocol) -> UpstreamResponse:
             try:
                 return await self._exchange(proto, method, target, headers, body, chunked)
             except BaseException:
@@ -202,7 +243,7 @@ class UpstreamPool:
 
     async def _exchange(
         self,
-        proto: ResponseHandler,
+        proto: _PooledProtocol,
         method: str,
         target: str,
         headers: CIMultiDict[str],
@@ -212,23 +253,30 @@ class UpstreamPool:
         loop = asyncio.get_running_loop()
         proto.set_response_params(
             skip_payload=method == "HEAD",
+            # A body with neither Content-Length nor chunked framing ends when the
+            # upstream closes the connection (RFC 9112 §6.3).
+            read_until_eof=True,
             auto_decompress=False,
             read_timeout=self._read_timeout,
             timeout_ceil_threshold=self._read_timeout + 1,  # exact timeouts, no rounding up
+            max_line_size=MAX_RESPONSE_LINE,
+            max_field_size=MAX_RESPONSE_LINE,
+            max_headers=MAX_RESPONSE_HEADERS,
         )
         writer = StreamWriter(proto, loop)
         if chunked:
             writer.enable_chunking()
         await writer.write_headers(f"{method} {target} HTTP/1.1", headers)
-        uploading: asyncio.Task[None] | None = None
+        upload: _Upload | None = None
         if body is None:
             await writer.write_eof()
+            proto.start_timeout()  # the upstream owes us an answer from now on
         else:
             writer.send_headers()
             # The body goes up while the response is awaited: an upstream may answer
-            # (413, 401…) before reading all of it.
-            uploading = loop.create_task(_upload(writer, body))
-        proto.start_timeout()
+            # (413, 401…) before reading all of it. The read timeout starts once the
+            # body is sent: until then the upstream may rightly stay silent.
+            upload = _Upload(loop, proto, writer, body, self._body_timeout)
         try:
             while True:
                 try:
@@ -239,29 +287,83 @@ class UpstreamPool:
                     raise InvalidResponse(exc.message) from exc
                 if not (100 <= message.code < 200) or message.code == 101:
                     break
-                # Interim 1xx (e.g. 103 Early Hints): the final answer follows.
+                # Interim 1xx (e.g. 103 Early Hints): the final answer follows, and the
+                # parser dropped the read timeout for this one; re-arm it.
+                proto.start_timeout()
         except BaseException:
-            if uploading is not None:
-                uploading.cancel()
+            if upload is not None:
+                upload.cancel()
             raise
-        if uploading is not None:
-            if uploading.done():
-                uploading.result()  # the client's body failed: surface it
-            else:
-                # Answered before the body was fully sent: finish the upload in the
-                # background, but never reuse this connection.
-                proto.force_close()
-                uploading.add_done_callback(_consume_result)
-        return UpstreamResponse(self, proto, message.code, message.reason, message.headers, payload)
+        if upload is not None:
+            upload.answered()
+        return UpstreamResponse(
+            self, proto, message.code, message.reason, message.headers, payload, upload
+        )
 
 
-async def _upload(writer: StreamWriter, body: AsyncIterator[bytes]) -> None:
-    try:
-        async for chunk in body:
-            await writer.write(chunk)
-        await writer.write_eof()
-    except OSError as exc:
-        raise ClientOSError(*exc.args) from exc
+class _Upload:
+    """The request body going up in its own task, owned by the exchange's response."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        proto: _PooledProtocol,
+        writer: StreamWriter,
+        body: AsyncIterator[bytes],
+        idle_timeout: float,
+    ) -> None:
+        self._proto = proto
+        self._idle_timeout = idle_timeout
+        self._answered = False
+        self.task = loop.create_task(self._run(writer, body))
+
+    async def _run(self, writer: StreamWriter, body: AsyncIterator[bytes]) -> None:
+        chunks = body.__aiter__()
+        try:
+            while True:
+                try:
+                    # A client that stops sending (or whose framing broke: aiohttp then
+                    # just stops feeding the stream) must not hold the exchange forever.
+                    async with asyncio.timeout(self._idle_timeout):
+                        chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    self._fail(
+                        ClientBodyError(
+                            f"no request body data for {self._idle_timeout:g} s", status=408
+                        )
+                    )
+                    return
+                await writer.write(chunk)
+            await writer.write_eof()
+        except asyncio.CancelledError:
+            raise
+        except OSError as exc:
+            self._fail(ClientOSError(*exc.args))  # the upstream went away mid-upload
+            return
+        except Exception as exc:
+            self._fail(ClientBodyError(f"request body: {type(exc).__name__}: {exc}"))
+            return
+        if not self._answered:
+            self._proto.start_timeout()
+
+    def _fail(self, exc: Exception) -> None:
+        self._proto.force_close()
+        if not self._answered:
+            # Wake the reader at once: the upstream will never answer a half body.
+            self._proto.set_exception(exc)
+
+    def answered(self) -> None:
+        """The response head arrived; an unfinished upload makes the connection single-use."""
+        self._answered = True
+        if not self.task.done():
+            self._proto.force_close()
+
+    def cancel(self) -> None:
+        if not self.task.done():
+            self.task.cancel()
+            self.task.add_done_callback(_consume_result)
 
 
 def _consume_result(task: asyncio.Task[None]) -> None:
@@ -269,4 +371,4 @@ def _consume_result(task: asyncio.Task[None]) -> None:
         task.result()
 
 
-__all__ = ["InvalidResponse", "UpstreamPool", "UpstreamResponse"]
+__all__ = ["ClientBodyError", "InvalidResponse", "UpstreamPool", "UpstreamResponse"]

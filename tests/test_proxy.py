@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import socket
 
@@ -614,3 +615,178 @@ async def test_trusted_hops_keep_their_other_forwarding_headers(
     assert sent["x-forwarded-prefix"] == "/api"
     assert sent["forwarded"] == "for=203.0.113.9"
     assert sent["x-real-ip"] == "203.0.113.9"
+
+
+async def test_body_delimited_by_connection_close_is_relayed(http, start_proxy):
+    async def http10(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nhello until eof")
+        await writer.drain()
+        writer.close()
+
+    server, port = await raw_server(http10)
+    try:
+        proxy = await start_proxy(f"http://127.0.0.1:{port}")
+        async with http.get(proxy.url + "/x") as r:
+            assert r.status == 200
+            assert await r.read() == b"hello until eof"
+    finally:
+        server.close()
+
+
+async def test_bytes_on_an_idle_pooled_connection_never_answer_the_next_request(
+    http, start_proxy, tmp_path
+):
+    """An upstream that writes on an idle keep-alive connection (a 408, a late
+    duplicate) must not have that read as the answer to the next request."""
+
+    async def stray(reader, writer):
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                path = head.split(b" ")[1]
+                body = b"answer to " + path
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                if path == b"/then-stray":
+                    writer.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 5\r\n\r\nstale")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.transport.abort()
+
+    server, port = await raw_server(stray)
+    cfg = tmp_path / "p.toml"
+    cfg.write_text("upstream_keepalive = 5\n")
+    try:
+        proxy = await start_proxy(f"http://127.0.0.1:{port}", "--config", str(cfg))
+        for path in ("/then-stray", "/a", "/b", "/c"):
+            async with http.get(proxy.url + path) as r:
+                assert r.status == 200, path
+                assert await r.read() == b"answer to " + path.encode()
+            await asyncio.sleep(0.05)
+    finally:
+        server.close()
+
+
+async def test_uploads_slower_than_the_upstream_timeout_are_not_cut(
+    upstream, http, start_proxy, tmp_path
+):
+    cfg = tmp_path / "p.toml"
+    cfg.write_text("upstream_timeout = 0.5\n")
+    proxy = await start_proxy(upstream.url, "--config", str(cfg))
+
+    async def trickle():
+        for _ in range(6):
+            yield b"t" * 1000
+            await asyncio.sleep(0.25)  # 1.5 s in all, three times the upstream timeout
+
+    async with http.post(proxy.url + "/sink", data=trickle()) as r:
+        assert r.status == 200
+        assert (await r.json())["received"] == 6000
+
+
+async def test_an_interim_1xx_does_not_disable_the_upstream_timeout(http, start_proxy, tmp_path):
+    async def hints_then_silence(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(10)
+
+    server, port = await raw_server(hints_then_silence)
+    cfg = tmp_path / "p.toml"
+    cfg.write_text("upstream_timeout = 0.5\n")
+    try:
+        proxy = await start_proxy(f"http://127.0.0.1:{port}", "--config", str(cfg))
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        async with http.get(proxy.url + "/x") as r:
+            assert r.status == 504
+        assert loop.time() - t0 < 3
+    finally:
+        server.close()
+
+
+async def test_early_answer_to_a_large_upload_reaches_the_client_cleanly(http, start_proxy):
+    async def refuse(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 3\r\nConnection: close\r\n\r\nbig"
+        )
+        await writer.drain()
+        # Lingering close, as real servers do: closing with unread data would send a
+        # reset that can destroy the answer in flight.
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(0.5):
+                while await reader.read(65536):
+                    pass
+        writer.close()
+
+    server, port = await raw_server(refuse)
+    try:
+        proxy = await start_proxy(f"http://127.0.0.1:{port}")
+        for _ in range(3):
+            async with http.post(proxy.url + "/upload", data=b"x" * 5_000_000) as r:
+                assert r.status == 413
+                assert await r.read() == b"big"
+        assert "another coroutine is already waiting" not in proxy.log()
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["stalled", "bad-chunk-framing"])
+async def test_stalled_or_broken_client_body_is_the_clients_error_not_an_upstream_timeout(
+    broken, upstream, start_proxy, tmp_path
+):
+    cfg = tmp_path / "p.toml"
+    cfg.write_text("upstream_timeout = 30\nclient_body_timeout = 1\n")
+    proxy = await start_proxy(upstream.url, "--config", str(cfg))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(
+        b"POST /sink HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    )
+    await writer.drain()
+    if broken:
+        await asyncio.sleep(0.3)
+        writer.write(b"zz\r\n")  # not a chunk size: aiohttp stops feeding the body stream
+        await writer.drain()
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    if not broken:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 408")
+        assert loop.time() - t0 < 3
+    else:
+        # aiohttp holds the broken connection itself; what matters is that the proxy
+        # ends the exchange within the body timeout and blames the client.
+        await asyncio.sleep(2.5)
+    writer.close()
+    st = await proxy.status()
+    assert st["requests_by_status"] == {"408": 1}
+    assert "timeout" not in st["upstream_errors"]
+    assert st["in_flight"] == 0
+
+
+async def test_large_upstream_response_headers_pass(http, start_proxy):
+    async def big_headers(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        csp = b"default-src 'self' " + b"x" * 9000
+        links = b"".join(b"Link: </r%d.css>; rel=preload\r\n" % i for i in range(130))
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Security-Policy: "
+            + csp
+            + b"\r\n"
+            + links
+            + b"Content-Length: 2\r\nConnection: close\r\n\r\nok"
+        )
+        await writer.drain()
+        writer.close()
+
+    server, port = await raw_server(big_headers)
+    try:
+        proxy = await start_proxy(f"http://127.0.0.1:{port}")
+        roomy = aiohttp.ClientSession(max_field_size=32768, max_headers=500)  # client limits
+        async with roomy, roomy.get(proxy.url + "/x") as r:
+            assert r.status == 200
+            assert len(r.headers.getall("Link")) == 130
+            assert await r.read() == b"ok"
+    finally:
+        server.close()
