@@ -356,6 +356,11 @@ class Settings(BaseSettings):
     max_line_size: int = _setting(8190, ge=256)
     max_field_size: int = _setting(8190, ge=256)
     max_headers: int = _setting(128, ge=8)
+    max_websocket_message: int = _setting(
+        16 * 1024 * 1024,
+        ge=1024,
+        description="largest WebSocket message relayed, in bytes (closed with 1009 past it)",
+    )
     max_header_bytes: int = _setting(
         65536, ge=1024, description="total bytes of request header fields before 431"
     )

@@ -175,7 +175,12 @@ class ReverseProxy:
         self._max_header_bytes = settings.max_header_bytes
         # Below this many fields the parser's per-field limit already bounds the total.
         self._header_sum_threshold = settings.max_header_bytes // (2 * settings.max_field_size)
-        self._websockets = WebSocketRelay(self._upstream, settings.upstream_connect_timeout)
+        self._websockets = WebSocketRelay(
+            self._upstream,
+            connect_timeout=settings.upstream_connect_timeout,
+            handshake_timeout=settings.upstream_timeout,
+            max_message=settings.max_websocket_message,
+        )
         self._pool = UpstreamPool(
             self._upstream,
             connect_timeout=settings.upstream_connect_timeout,

@@ -14,12 +14,16 @@ import time
 from typing import Protocol
 
 import aiohttp
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 from multidict import CIMultiDict
 from yarl import URL
 
 from apitally_proxy.config import Upstream
 
+# Not passed back with a refused upgrade: connection-specific, or recomputed by aiohttp.
+PASS_BACK_DROPPED = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "upgrade", "content-length", "te", "trailer"}
+)
 # Generated afresh for the upstream handshake by aiohttp; never copied from the client.
 HANDSHAKE_HEADERS = (
     "Sec-WebSocket-Key",
@@ -46,12 +50,45 @@ def is_websocket_upgrade(request: web.BaseRequest) -> bool:
     )
 
 
+class UpgradeRefused(Exception):
+    """The upstream answered the upgrade with something other than 101."""
+
+    def __init__(self, status: int, reason: str, headers: CIMultiDict[str], body: bytes) -> None:
+        super().__init__(status)
+        self.status, self.reason, self.headers, self.body = status, reason, headers, body
+
+
+MAX_REFUSAL_BODY = 65536
+
+
+async def _refusals_pass_back(
+    request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+) -> aiohttp.ClientResponse:
+    """Client middleware: any non-101 answer (redirects included) goes back to the client
+    as it is; redirects are never followed, so the upgrade cannot be sent elsewhere."""
+    response = await handler(request)
+    if response.status != 101:
+        body = await response.content.read(MAX_REFUSAL_BODY)
+        headers = CIMultiDict(response.headers)
+        response.release()
+        raise UpgradeRefused(response.status, response.reason or "", headers, body)
+    return response
+
+
 class WebSocketRelay:
     """Owns the client session used for upstream WebSocket handshakes."""
 
-    def __init__(self, upstream: Upstream, connect_timeout: float) -> None:
+    def __init__(
+        self,
+        upstream: Upstream,
+        connect_timeout: float,
+        handshake_timeout: float,
+        max_message: int,
+    ) -> None:
         self._upstream = upstream
         self._connect_timeout = connect_timeout
+        self._handshake_timeout = handshake_timeout
+        self._max_message = max_message
         self._session: aiohttp.ClientSession | None = None
 
     def _get_session(self) -> aiohttp.ClientSession:
@@ -65,6 +102,7 @@ class WebSocketRelay:
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
                 skip_auto_headers=("User-Agent", "Accept-Encoding"),
                 trust_env=False,
+                middlewares=(_refusals_pass_back,),
             )
         return self._session
 
@@ -92,28 +130,37 @@ class WebSocketRelay:
             headers.popall(name, None)
         url = URL(self._upstream.origin + target, encoded=True)
         try:
-            upstream_ws = await self._get_session().ws_connect(
-                url,
-                headers=headers,
-                protocols=[p for p in protocols if p],
-                autoclose=False,
-                autoping=False,
-                max_msg_size=0,
-                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10.0),
-            )
-        except aiohttp.WSServerHandshakeError as exc:
-            # The upstream answered the upgrade with something else (401, 404…).
-            exchange.status = exc.status
+            # The whole handshake, not just the connect, is bounded (then a 504).
+            async with asyncio.timeout(self._handshake_timeout):
+                upstream_ws = await self._get_session().ws_connect(
+                    url,
+                    headers=headers,
+                    protocols=[p for p in protocols if p],
+                    autoclose=False,
+                    autoping=False,
+                    max_msg_size=self._max_message,
+                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10.0),
+                )
+        except UpgradeRefused as refused:
+            # The upstream answered the upgrade with something else (401, 302…): the
+            # client gets that answer, headers and body, minus hop-by-hop headers.
+            exchange.status = refused.status
             exchange.got_headers = True
             exchange.response_time = time.perf_counter() - started
-            return web.Response(status=exc.status, text=f"{exc.status} {exc.message}\n")
+            response = web.Response(status=refused.status, reason=refused.reason, body=refused.body)
+            for name, value in refused.headers.items():
+                lname = name.lower()
+                if lname not in PASS_BACK_DROPPED and not lname.startswith("x-apitally-"):
+                    response.headers.add(name, value)
+            return response
         exchange.response_time = time.perf_counter() - started
         exchange.got_headers = True
         client_ws = web.WebSocketResponse(
             protocols=[upstream_ws.protocol] if upstream_ws.protocol else (),
             autoclose=False,
             autoping=False,
-            max_msg_size=0,
+            # Each message is held whole while relayed: bounded (1009 past it).
+            max_msg_size=self._max_message,
         )
         try:
             await client_ws.prepare(request)  # type: ignore[arg-type]
@@ -158,9 +205,22 @@ async def _pump(
         elif msg.type is WSMsgType.CLOSE:
             await dst.close(code=msg.data or 1000, message=(msg.extra or "").encode())
             return
-        else:  # CLOSING, CLOSED, ERROR: the other side is gone
+        else:
+            # CLOSING, CLOSED, ERROR: gone without a close frame (or over the size
+            # limit). Never pass that on as a normal close: 1011 towards the client
+            # (the app failed), 1001 towards the app (the client went away).
+            code = (
+                WSCloseCode.MESSAGE_TOO_BIG
+                if _too_big(src)
+                else (WSCloseCode.GOING_AWAY if upward else WSCloseCode.INTERNAL_ERROR)
+            )
+            await dst.close(code=code)
             return
         if upward:
             exchange.request_size = (exchange.request_size or 0) + len(data)
         else:
             exchange.response_size += len(data)
+
+
+def _too_big(ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> bool:
+    return ws.close_code == WSCloseCode.MESSAGE_TOO_BIG

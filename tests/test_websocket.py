@@ -47,3 +47,88 @@ async def test_client_closing_the_websocket_ends_the_upstream_side(upstream, htt
             assert await ws.receive_str() == "echo:x"
     st = await proxy.status()
     assert st["in_flight"] == 0
+
+
+async def test_websocket_upgrade_redirects_are_passed_back_not_followed(http, start_proxy):
+    from aiohttp import web
+
+    from tests.support.upstream import Upstream
+
+    followed = []
+    app = web.Application()
+
+    async def moved(request):
+        raise web.HTTPFound("/elsewhere", headers={"X-Why": "moved"})
+
+    async def elsewhere(request):
+        followed.append(request.path)
+        return web.Response(text="should never be reached")
+
+    app.router.add_get("/ws", moved)
+    app.router.add_get("/elsewhere", elsewhere)
+    up = await Upstream(app).start()
+    try:
+        proxy = await start_proxy(up.url)
+        async with http.get(
+            proxy.url + "/ws",
+            headers={
+                "Upgrade": "websocket",
+                "Connection": "Upgrade",
+                "Sec-WebSocket-Version": "13",
+                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            },
+            allow_redirects=False,
+        ) as r:
+            assert r.status == 302
+            assert r.headers["Location"] == "/elsewhere"
+            assert r.headers["X-Why"] == "moved"
+        assert followed == []
+    finally:
+        await up.stop()
+
+
+async def test_websocket_handshake_is_bounded_by_the_upstream_timeout(http, start_proxy, tmp_path):
+    import asyncio
+
+    async def silent(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(10)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    cfg = tmp_path / "p.toml"
+    cfg.write_text("upstream_timeout = 0.5\n")
+    try:
+        proxy = await start_proxy(f"http://127.0.0.1:{port}", "--config", str(cfg))
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        try:
+            async with http.ws_connect(proxy.url + "/ws"):
+                raise AssertionError("no handshake should complete")
+        except aiohttp.WSServerHandshakeError as exc:
+            assert exc.status == 504
+        assert loop.time() - t0 < 3
+    finally:
+        server.close()
+
+
+async def test_oversize_websocket_messages_close_the_session(upstream, http, start_proxy, tmp_path):
+    cfg = tmp_path / "p.toml"
+    cfg.write_text("max_websocket_message = 65536\n")
+    proxy = await start_proxy(upstream.url, "--config", str(cfg))
+    async with http.ws_connect(proxy.url + "/ws") as ws:
+        await ws.receive_str()
+        await ws.send_bytes(b"x" * 200_000)
+        msg = await ws.receive()
+        assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+        assert ws.close_code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+    assert proxy.rss() < 200 * 1024 * 1024
+
+
+async def test_upstream_vanishing_is_not_passed_on_as_a_normal_close(upstream, http, start_proxy):
+    proxy = await start_proxy(upstream.url)
+    async with http.ws_connect(proxy.url + "/ws-die") as ws:
+        assert await ws.receive_str() == "bye"
+        msg = await ws.receive()
+        assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+        assert ws.close_code == aiohttp.WSCloseCode.INTERNAL_ERROR

@@ -142,6 +142,7 @@ def build_app() -> web.Application:
     r.add_get("/any/{tail:.*}", anything)
     r.add_get("/ws", websocket_echo)
     r.add_get("/ws-denied", websocket_denied)
+    r.add_get("/ws-die", websocket_dies)
     return app
 
 
@@ -158,6 +159,17 @@ async def websocket_echo(request: web.Request) -> web.WebSocketResponse:
             await ws.send_str("echo:" + msg.data)
         elif msg.type == web.WSMsgType.BINARY:
             await ws.send_bytes(msg.data[::-1])
+    return ws
+
+
+async def websocket_dies(request: web.Request) -> web.WebSocketResponse:
+    """Says one thing, then the connection vanishes without a close frame."""
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    await ws.send_str("bye")
+    await asyncio.sleep(0.1)
+    assert request.transport is not None
+    request.transport.abort()
     return ws
 
 
