@@ -361,7 +361,25 @@ class ReverseProxy:
         # Only a request that can be re-sent without losing or repeating anything the
         # client sent may be retried on a fresh connection.
         retry_stale = not has_body and method in IDEMPOTENT_METHODS
-        return await self._pool.request(method, target, headers, body, chunked, retry_stale)
+        on_interim = None
+        if request.version >= (1, 1) and request.writer is not None:
+            writer = request.writer
+
+            async def on_interim(status: int, reason: str, headers: CIMultiDictProxy[str]) -> None:
+                # Interim answers (103 Early Hints…) go to the client as they come,
+                # before the final head; HTTP/1.0 clients cannot take them.
+                lines = [f"HTTP/1.1 {status} {reason}\r\n"]
+                lines += [
+                    f"{name}: {value}\r\n"
+                    for name, value in headers.items()
+                    if not _is_hop_by_hop(name.lower(), set())
+                    and not name.lower().startswith(APITALLY_PREFIX)
+                ]
+                await writer.write(("".join(lines) + "\r\n").encode("utf-8", "surrogateescape"))
+
+        return await self._pool.request(
+            method, target, headers, body, chunked, retry_stale, on_interim
+        )
 
     async def _stream_body(
         self, request: web.BaseRequest, exchange: Exchange

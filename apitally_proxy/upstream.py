@@ -19,7 +19,7 @@ import contextlib
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import ClientConnectorError, ClientError, ClientOSError, ServerDisconnectedError
 from aiohttp.client_exceptions import ConnectionTimeoutError
@@ -66,6 +66,9 @@ class _PooledProtocol(ResponseHandler):
                 self.transport.close()
             return
         super().data_received(data)
+
+
+InterimHandler = Callable[[int, str, CIMultiDictProxy[str]], Awaitable[None]]
 
 
 class UpstreamResponse:
@@ -209,8 +212,11 @@ class UpstreamPool:
         body: AsyncIterator[bytes] | None = None,
         chunked: bool = False,
         retry_stale: bool = False,
+        on_interim: InterimHandler | None = None,
     ) -> UpstreamResponse:
         """Send one request; the caller must `release()` the response after its body.
+
+        `on_interim` gets each interim 1xx answer (103 Early Hints…) as it arrives.
 
         With `retry_stale` (only for idempotent requests without a body), a pooled
         connection that turns out to be closed by the upstream before any response
@@ -221,7 +227,9 @@ class UpstreamPool:
 
         async def exchange_on(proto: _PooledProtocol) -> UpstreamResponse:
             try:
-                return await self._exchange(proto, method, target, headers, body, chunked)
+                return await self._exchange(
+                    proto, method, target, headers, body, chunked, on_interim
+                )
             except BaseException:
                 proto.close()  # never back to the pool after a failure
                 raise
@@ -249,6 +257,7 @@ class UpstreamPool:
         headers: CIMultiDict[str],
         body: AsyncIterator[bytes] | None,
         chunked: bool,
+        on_interim: InterimHandler | None = None,
     ) -> UpstreamResponse:
         loop = asyncio.get_running_loop()
         proto.set_response_params(
@@ -290,6 +299,8 @@ class UpstreamPool:
                 # Interim 1xx (e.g. 103 Early Hints): the final answer follows, and the
                 # parser dropped the read timeout for this one; re-arm it.
                 proto.start_timeout()
+                if on_interim is not None and message.code != 100:
+                    await on_interim(message.code, message.reason, message.headers)
         except BaseException:
             if upload is not None:
                 upload.cancel()

@@ -439,7 +439,7 @@ async def test_upstream_answering_before_reading_the_body_is_relayed(http, start
         server.close()
 
 
-async def test_interim_1xx_responses_are_skipped(http, start_proxy):
+async def test_interim_1xx_responses_are_relayed_before_the_final_answer(http, start_proxy):
     async def hints(reader, writer):
         await reader.readuntil(b"\r\n\r\n")
         writer.write(
@@ -452,9 +452,16 @@ async def test_interim_1xx_responses_are_skipped(http, start_proxy):
     server, port = await raw_server(hints)
     try:
         proxy = await start_proxy(f"http://127.0.0.1:{port}")
-        async with http.get(proxy.url + "/x") as r:
+        async with http.get(proxy.url + "/x") as r:  # clients that ignore 1xx still work
             assert r.status == 200
             assert await r.read() == b"ok"
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert data.startswith(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")
+        assert b"HTTP/1.1 200 OK" in data and data.endswith(b"ok")
     finally:
         server.close()
 
