@@ -16,6 +16,7 @@ from aiohttp import web
 from apitally_proxy import __version__
 from apitally_proxy.admin import build_admin_app
 from apitally_proxy.capture import Captures
+from apitally_proxy.cluster import StatusPublisher, merged_status, status_path
 from apitally_proxy.config import CLIENT_TAGS, FRAMEWORKS, ConfigError, Settings
 from apitally_proxy.hub.instance import acquire_instance
 from apitally_proxy.hub.payloads import startup_payload
@@ -99,6 +100,7 @@ class Worker:
         self.started_at = time.time()
         self._runner: web.ServerRunner | None = None
         self._admin_runner: web.AppRunner | None = None
+        self._publisher: StatusPublisher | None = None
 
     def _make_transport(self) -> Transport:
         s = self.settings
@@ -230,9 +232,20 @@ class Worker:
                 "set --listen / APITALLY_PROXY_LISTEN to a free local address"
             ) from None
         admin = s.admin_address
+        status_dir = self.lease.path.parent
+        if s.workers > 1 and self.slot > 0:
+            # Worker 0 serves the admin endpoints for everyone from these files.
+            self._publisher = StatusPublisher(status_path(status_dir, self.slot), self.status)
+            self._publisher.start()
         if admin is not None and self.slot == 0:
+            status = self.status
+            if s.workers > 1:
+
+                def status() -> dict[str, Any]:
+                    return merged_status(self.status(), status_dir, s.workers)
+
             self._admin_runner = web.AppRunner(
-                build_admin_app(self.status, lambda: self.ready), access_log=None
+                build_admin_app(status, lambda: self.ready), access_log=None
             )
             await self._admin_runner.setup()
             try:
@@ -286,6 +299,8 @@ class Worker:
         await self.sync.stop(hurry=hurry)
         if self.request_log is not None:
             await self.request_log.close()
+        if self._publisher is not None:
+            await self._publisher.stop()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         self.lease.release()

@@ -59,3 +59,24 @@ async def test_signalling_the_whole_process_group_still_drains(
     assert await asyncio.wait_for(proxy.proc.wait(), 20) == 0
     assert "skipping the grace period" not in proxy.log()
     assert sum(hub.request_counts().values()) == 1  # the slow request, flushed
+
+
+async def test_admin_endpoints_report_every_worker(hub, upstream, start_proxy, hub_args):
+    proxy = await start_proxy(upstream.url, *hub_args, "--workers", "2")
+    await hub.wait_for(lambda: len({p["instance_uuid"] for p in hub.accepted("startup")}) == 2)
+    for i in range(40):
+        async with aiohttp.ClientSession() as s, s.get(f"{proxy.url}/items/{i}") as r:
+            assert r.status == 200
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while True:
+        st = await proxy.status()
+        if st["requests_total"] == 40 or loop.time() > deadline:
+            break
+        await asyncio.sleep(0.3)
+    assert st["requests_total"] == 40
+    assert st["requests_by_status"] == {"200": 40}
+    assert st["workers_reporting"] == [0, 1]
+    async with aiohttp.ClientSession() as s, s.get(proxy.admin_url + "/metrics") as r:
+        assert 'apitally_proxy_requests_total{status="200"} 40.0' in await r.text()
+    assert await proxy.stop() == 0

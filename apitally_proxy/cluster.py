@@ -1,0 +1,108 @@
+"""With --workers N, worker 0's admin endpoints report every worker.
+
+Each other worker publishes its status as a small JSON file next to its instance
+id every couple of seconds; worker 0 adds their counters to its own when the
+admin endpoints are read (never on the request path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+log = logging.getLogger("apitally_proxy")
+
+PUBLISH_EVERY = 2.0
+STALE_AFTER = 10.0  # a status file older than this belongs to a worker that is gone
+SUMMED = (
+    "requests_total",
+    "unmatched",
+    "route_overflow",
+    "consumer_overflow",
+    "in_flight",
+    "upstream_retries",
+    "refused",
+)
+SUMMED_MAPS = ("requests_by_status", "upstream_errors")
+HUB_SUMMED = ("queued", "sent", "dropped_rejected", "dropped_expired", "dropped_spool_full")
+
+
+def status_path(directory: Path, slot: int) -> Path:
+    return directory / f"slot-{slot}.status.json"
+
+
+class StatusPublisher:
+    """Writes one worker's status file every PUBLISH_EVERY seconds; owned by the worker."""
+
+    def __init__(self, path: Path, status: Callable[[], dict[str, Any]]) -> None:
+        self._path = path
+        self._status = status
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="status-publisher")
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            snapshot = orjson.dumps(
+                {**self._status(), "published_at": time.time()}, option=orjson.OPT_NON_STR_KEYS
+            )
+            try:
+                await loop.run_in_executor(None, _write, self._path, snapshot)
+            except OSError as exc:
+                log.warning("cannot publish worker status to %s: %s", self._path, exc)
+            await asyncio.sleep(PUBLISH_EVERY)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        with contextlib.suppress(OSError):
+            self._path.unlink()
+
+
+def _write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def merged_status(own: dict[str, Any], directory: Path, workers: int) -> dict[str, Any]:
+    """`own` (worker 0's status) plus the counters the other workers published."""
+    merged = {
+        **own,
+        **{k: {str(code): n for code, n in own[k].items()} for k in SUMMED_MAPS},
+        "hub": dict(own["hub"]),
+    }
+    seen = [own["worker_slot"]]
+    now = time.time()
+    for slot in range(workers):
+        if slot == own["worker_slot"]:
+            continue
+        try:
+            other = orjson.loads(status_path(directory, slot).read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            continue
+        if now - other.get("published_at", 0) > STALE_AFTER:
+            continue
+        seen.append(slot)
+        for key in SUMMED:
+            merged[key] += other.get(key, 0)
+        for key in SUMMED_MAPS:
+            for code, n in other.get(key, {}).items():
+                merged[key][code] = merged[key].get(code, 0) + n
+        for key in HUB_SUMMED:
+            merged["hub"][key] += other.get("hub", {}).get(key, 0)
+    merged["workers_reporting"] = sorted(seen)
+    return merged
