@@ -61,9 +61,8 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
         await p.kill()
 
 
-@pytest.fixture
-def hub_args(hub: FakeHub) -> list[str]:
-    """CLI arguments pointing a proxy at the fake hub with a fast sync."""
+def hub_cli_args(hub: FakeHub, sync_interval: str) -> list[str]:
+    """CLI arguments pointing a proxy at the fake hub."""
     return [
         "--client-id",
         CLIENT_ID,
@@ -72,5 +71,18 @@ def hub_args(hub: FakeHub) -> list[str]:
         "--hub-url",
         hub.url,
         "--sync-interval",
-        "0.3",
+        sync_interval,
     ]
+
+
+@pytest.fixture
+def hub_args(hub: FakeHub) -> list[str]:
+    """Pointing a proxy at the fake hub with a fast sync."""
+    return hub_cli_args(hub, "0.3")
+
+
+@pytest.fixture
+def hub_args_long(hub: FakeHub) -> list[str]:
+    """Pointing a proxy at the fake hub with a sync interval no test outlives: only the
+    immediate first sync and the shutdown sync deliver anything."""
+    return hub_cli_args(hub, "3600")

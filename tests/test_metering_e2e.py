@@ -201,19 +201,11 @@ async def test_upstream_errors_are_counted_with_the_status_the_client_got(
     assert hub.request_counts() == {(None, "GET", "/items/{id}", 502): 3}
 
 
-async def test_sigterm_sends_the_final_counts_and_exits_0(hub, upstream, http, start_proxy):
+async def test_sigterm_sends_the_final_counts_and_exits_0(
+    hub, upstream, http, start_proxy, hub_args_long
+):
     # A long interval: only the shutdown sync can deliver these.
-    proxy = await start_proxy(
-        upstream.url,
-        "--client-id",
-        CLIENT_ID,
-        "--env",
-        "test",
-        "--hub-url",
-        hub.url,
-        "--sync-interval",
-        "3600",
-    )
+    proxy = await start_proxy(upstream.url, *hub_args_long)
     await hub.wait_for(lambda: hub.accepted("sync"))  # the immediate first sync
     for i in range(17):
         async with http.get(f"{proxy.url}/items/{i}") as r:
@@ -222,8 +214,8 @@ async def test_sigterm_sends_the_final_counts_and_exits_0(hub, upstream, http, s
     assert hub.request_counts() == {(None, "GET", "/items/{id}", 200): 17}
 
 
-async def test_sigint_also_flushes(hub, upstream, http, start_proxy, hub_args):
-    proxy = await start_proxy(upstream.url, *hub_args[:-2], "--sync-interval", "3600")
+async def test_sigint_also_flushes(hub, upstream, http, start_proxy, hub_args_long):
+    proxy = await start_proxy(upstream.url, *hub_args_long)
     async with http.get(f"{proxy.url}/items/1") as r:
         await r.read()
     assert await proxy.stop(signal.SIGINT) == 0
@@ -335,9 +327,11 @@ async def test_hub_404_stops_syncing_and_names_the_client_id(
     assert f"404 for client id {CLIENT_ID}" in proxy.log()
 
 
-async def test_hub_422_drops_the_payload_with_a_warning(hub, upstream, http, start_proxy, hub_args):
+async def test_hub_422_drops_the_payload_with_a_warning(
+    hub, upstream, http, start_proxy, hub_args_long
+):
     hub.script["sync"] = [422]
-    proxy = await start_proxy(upstream.url, *hub_args[:-2], "--sync-interval", "3600")
+    proxy = await start_proxy(upstream.url, *hub_args_long)
     await hub.wait_for(lambda: any(c.kind == "sync" for c in hub.calls))
     async with http.get(proxy.url + "/items/1") as r:
         await r.read()
@@ -349,17 +343,19 @@ async def test_hub_422_drops_the_payload_with_a_warning(hub, upstream, http, sta
 
 
 async def test_hub_errors_are_retried_with_backoff_within_one_sync(
-    hub, upstream, http, start_proxy, hub_args
+    hub, upstream, http, start_proxy, hub_args_long
 ):
     hub.script["sync"] = [500, 503]
-    proxy = await start_proxy(upstream.url, *hub_args[:-2], "--sync-interval", "3600")
+    proxy = await start_proxy(upstream.url, *hub_args_long)
     await hub.wait_for(lambda: len([c for c in hub.calls if c.kind == "sync"]) == 3)
     assert [c.status for c in hub.calls if c.kind == "sync"] == [500, 503, 202]
     assert await proxy.stop() == 0
 
 
-async def test_slow_hub_does_not_block_shutdown_forever(hub, upstream, http, start_proxy, hub_args):
-    proxy = await start_proxy(upstream.url, *hub_args[:-2], "--sync-interval", "3600")
+async def test_slow_hub_does_not_block_shutdown_forever(
+    hub, upstream, http, start_proxy, hub_args_long
+):
+    proxy = await start_proxy(upstream.url, *hub_args_long)
     await hub.wait_for(lambda: hub.accepted("sync"))
     hub.delay = 30
     loop = asyncio.get_running_loop()

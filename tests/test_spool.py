@@ -8,7 +8,7 @@ import signal
 import orjson
 
 from apitally_proxy.hub.spool import Spool
-from tests.conftest import CLIENT_ID
+from tests.conftest import hub_cli_args
 
 
 async def send(http, url: str, n: int, path: str = "/items/1") -> None:
@@ -18,24 +18,11 @@ async def send(http, url: str, n: int, path: str = "/items/1") -> None:
             await r.read()
 
 
-def long_interval_args(hub) -> list[str]:
-    return [
-        "--client-id",
-        CLIENT_ID,
-        "--env",
-        "test",
-        "--hub-url",
-        hub.url,
-        "--sync-interval",
-        "3600",
-    ]
-
-
 async def test_sigkill_loses_nothing_older_than_the_checkpoint(
     hub, upstream, http, start_proxy, tmp_path
 ):
     state = tmp_path / "state"
-    proxy = await start_proxy(upstream.url, *long_interval_args(hub), state_dir=state)
+    proxy = await start_proxy(upstream.url, *hub_cli_args(hub, "3600"), state_dir=state)
     await hub.wait_for(lambda: hub.accepted("sync"))  # the first (empty) sync
     await send(http, proxy.url, 25)
     await asyncio.sleep(1.6)  # > checkpoint interval
@@ -43,7 +30,7 @@ async def test_sigkill_loses_nothing_older_than_the_checkpoint(
     assert hub.request_counts() == {}  # nothing was synced before the kill
     first_instance = hub.accepted("startup")[0]["instance_uuid"]
 
-    again = await start_proxy(upstream.url, *long_interval_args(hub), state_dir=state)
+    again = await start_proxy(upstream.url, *hub_cli_args(hub, "3600"), state_dir=state)
     await hub.wait_for(lambda: sum(hub.request_counts().values()) == 25)
     assert await again.stop() == 0
     assert hub.request_counts() == {(None, "GET", "/items/{id}", 200): 25}
@@ -99,7 +86,7 @@ async def test_second_signal_exits_at_once_after_spooling(
     hub, upstream, http, start_proxy, tmp_path
 ):
     state = tmp_path / "state"
-    proxy = await start_proxy(upstream.url, *long_interval_args(hub), state_dir=state)
+    proxy = await start_proxy(upstream.url, *hub_cli_args(hub, "3600"), state_dir=state)
     await hub.wait_for(lambda: hub.accepted("sync"))
     await send(http, proxy.url, 4)
     hub.delay = 30  # the final sync would hang
@@ -113,7 +100,7 @@ async def test_second_signal_exits_at_once_after_spooling(
     assert loop.time() - t0 < 5
     in_flight.cancel()
     hub.delay = 0
-    again = await start_proxy(upstream.url, *long_interval_args(hub), state_dir=state)
+    again = await start_proxy(upstream.url, *hub_cli_args(hub, "3600"), state_dir=state)
     assert await again.stop() == 0
     assert hub.request_counts()[(None, "GET", "/items/{id}", 200)] == 4
 

@@ -24,11 +24,9 @@ async def test_workers_share_the_port_and_counts_add_up(hub, upstream, start_pro
 
 
 async def test_supervisor_forwards_sigterm_and_workers_flush(
-    hub, upstream, http, start_proxy, hub_args
+    hub, upstream, http, start_proxy, hub_args_long
 ):
-    proxy = await start_proxy(
-        upstream.url, *hub_args[:-2], "--sync-interval", "3600", "--workers", "2"
-    )
+    proxy = await start_proxy(upstream.url, *hub_args_long, "--workers", "2")
     await hub.wait_for(lambda: len(hub.accepted("sync")) >= 2)
     await asyncio.gather(*(http.get(f"{proxy.url}/items/{i}") for i in range(20)))
     assert await proxy.stop() == 0
