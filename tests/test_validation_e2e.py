@@ -94,19 +94,11 @@ async def drive_fastapi(http, url: str) -> None:
     assert await send(http, "POST", url + "/items", json={"name": "x", "price": 1}) == 200
 
 
+@pytest.mark.parametrize("framework", ["fastapi", "auto"])
 async def test_fastapi_422_details_become_validation_error_rows(
-    hub, http, start_proxy, hub_args, fastapi_upstream
+    framework, hub, http, start_proxy, hub_args, fastapi_upstream
 ):
-    proxy = await start_proxy(fastapi_upstream.url, *hub_args, "--framework", "fastapi")
-    await drive_fastapi(http, proxy.url)
-    assert await proxy.stop() == 0
-    assert error_counts(hub) == FASTAPI_EXPECTED
-
-
-async def test_fastapi_errors_are_found_with_framework_auto(
-    hub, http, start_proxy, hub_args, fastapi_upstream
-):
-    proxy = await start_proxy(fastapi_upstream.url, *hub_args, "--framework", "auto")
+    proxy = await start_proxy(fastapi_upstream.url, *hub_args, "--framework", framework)
     await drive_fastapi(http, proxy.url)
     assert await proxy.stop() == 0
     assert error_counts(hub) == FASTAPI_EXPECTED
