@@ -76,7 +76,14 @@ class _ProxyCollector(Collector):
         )
         dropped.add_metric(["rejected"], hub["dropped_rejected"])
         dropped.add_metric(["expired"], hub["dropped_expired"])
+        dropped.add_metric(["spool_full"], hub["dropped_spool_full"])
         yield dropped
+        yield CounterMetricFamily(
+            "apitally_proxy_unencodable_values",
+            "Payload values that could not be encoded as they were (repaired or dropped; "
+            "the rest of each payload was kept)",
+            value=hub["unencodable"],
+        )
         yield GaugeMetricFamily(
             "apitally_proxy_hub_ok", "1 when the last hub exchange succeeded", value=int(hub["ok"])
         )
@@ -96,6 +103,8 @@ def build_admin_app(status: StatusFn, ready: Callable[[], bool]) -> web.Applicat
             "mode": s["hub"]["mode"],
             "hub_ok": s["hub"]["ok"],
             "hub_problem": s["hub"]["problem"],
+            # Counted, never fatal: the rest of each payload was kept.
+            "unencodable_values": s["hub"]["unencodable"],
         }
         return web.Response(
             body=orjson.dumps(body),

@@ -32,7 +32,14 @@ SUMMED = (
     "refused",
 )
 SUMMED_MAPS = ("requests_by_status", "upstream_errors")
-HUB_SUMMED = ("queued", "sent", "dropped_rejected", "dropped_expired", "dropped_spool_full")
+HUB_SUMMED = (
+    "queued",
+    "sent",
+    "dropped_rejected",
+    "dropped_expired",
+    "dropped_spool_full",
+    "unencodable",
+)
 
 
 def status_path(directory: Path, slot: int) -> Path:

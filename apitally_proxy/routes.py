@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from urllib.parse import unquote
 
+from apitally_proxy.text import header_text, strip_controls
+
 OVERFLOW_TEMPLATE = "/{overflow}"
 MAX_PATH_LENGTH = 2048
 MAX_SEGMENTS = 32
@@ -483,6 +485,9 @@ class RouteOverrides:
         value = value.strip()
         if not value.startswith("/") or len(value) > MAX_TEMPLATE_LENGTH:
             return None
+        if not value.isprintable():
+            # Raw non-UTF-8 bytes or controls: the template must encode and display.
+            value = strip_controls(header_text(value))
         seen = self._seen.get(method)
         if seen is None:
             seen = self._seen[method] = set()

@@ -193,6 +193,7 @@ class Worker:
                 "dropped_rejected": self.sync.dropped_rejected,
                 "dropped_expired": self.sync.dropped_expired,
                 "dropped_spool_full": self.sync.dropped_full,
+                "unencodable": self.spool.unencodable,
                 "recovered_after_crash": self.sync.recovered,
                 "spool_dir": str(self.spool.directory),
                 "last_sync": self.sync.last_sync,

@@ -32,6 +32,7 @@ import orjson
 
 from apitally_proxy.config import RequestLogSettings
 from apitally_proxy.hub.transport import Outcome
+from apitally_proxy.text import dumps_lenient
 
 log = logging.getLogger("apitally_proxy.request_log")
 
@@ -175,13 +176,12 @@ class Masker:
             "size": resp_size,
             "body": self._body(resp_body, resp_pairs),
         }
-        return orjson.dumps(
-            {
-                "uuid": str(uuid.uuid4()),
-                "request": _skip_empty(request),
-                "response": _skip_empty(response),
-            }
-        )
+        line = {
+            "uuid": str(uuid.uuid4()),
+            "request": _skip_empty(request),
+            "response": _skip_empty(response),
+        }
+        return dumps_lenient(line)[0]  # raw non-UTF-8 header bytes must not lose the line
 
     def _url(self, url: str, headers: list[tuple[str, str]]) -> str:
         if url.startswith("http://") and _is_https(headers):

@@ -27,6 +27,8 @@ from typing import Any
 
 import orjson
 
+from apitally_proxy.text import dumps_lenient
+
 log = logging.getLogger("apitally_proxy.hub")
 
 CHECKPOINT = "checkpoint.json"
@@ -65,6 +67,8 @@ class Spool:
         self.max_age = max_age
         self.dropped_full = 0
         self.dropped_expired = 0
+        # Values of payloads that could not be encoded as they were (repaired or dropped).
+        self.unencodable = 0
         directory.mkdir(parents=True, exist_ok=True)
         # Leftovers of writes a crash interrupted.
         for tmp in directory.glob(".*.tmp"):
@@ -87,7 +91,15 @@ class Spool:
 
     def put(self, payload: dict[str, Any]) -> SpoolEntry:
         """Make a payload durable; enforce the byte bound by dropping the oldest."""
-        data = orjson.dumps(payload)
+        data, problems = dumps_lenient(payload)
+        if problems:
+            self.unencodable += problems
+            log.error(
+                "payload %s had %d value(s) that could not be encoded as they were; "
+                "repaired or dropped them, the rest of the payload is kept",
+                payload.get("message_uuid"),
+                problems,
+            )
         created_ns = time.time_ns()
         path = self.directory / f"{created_ns:020d}-{payload['message_uuid']}.json"
         _write_atomic(path, data)
@@ -146,7 +158,8 @@ class Spool:
     # The open interval's checkpoint.
 
     def write_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        _write_atomic(self.directory / CHECKPOINT, orjson.dumps(checkpoint))
+        # Repaired silently here: the payload it becomes counts and reports it.
+        _write_atomic(self.directory / CHECKPOINT, dumps_lenient(checkpoint)[0])
 
     def clear_checkpoint(self) -> None:
         (self.directory / CHECKPOINT).unlink(missing_ok=True)

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
-import orjson
+
+from apitally_proxy.text import dumps_lenient
 
 log = logging.getLogger("apitally_proxy.hub")
 
@@ -66,7 +67,7 @@ class HubTransport:
         return self._session
 
     async def send(self, kind: str, payload: dict[str, Any]) -> Outcome:
-        body = orjson.dumps(payload)
+        body = dumps_lenient(payload)[0]  # spooled payloads were repaired (and counted) there
         url = f"{self.base}/{kind}"
         for attempt in range(self._tries):
             if attempt:
@@ -158,7 +159,8 @@ class LocalTransport:
         self.recent: list[dict[str, Any]] = []  # for the admin status page
 
     async def send(self, kind: str, payload: dict[str, Any]) -> Outcome:
-        line = orjson.dumps({"kind": kind, "written_at": time.time(), "payload": payload}) + b"\n"
+        record = {"kind": kind, "written_at": time.time(), "payload": payload}
+        line = dumps_lenient(record)[0] + b"\n"
         try:
             if self.path.exists() and self.path.stat().st_size + len(line) > self._max_bytes:
                 os.replace(self.path, self.path.with_suffix(".jsonl.1"))

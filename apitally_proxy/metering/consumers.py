@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
+from apitally_proxy.text import header_text, strip_controls
+
 MAX_IDENTIFIER = 128
 MAX_NAME = 64
 
@@ -20,10 +22,13 @@ class Consumer:
 def _clean(value: str | None, limit: int) -> str | None:
     if value is None:
         return None
+    # Raw non-UTF-8 bytes (a Latin-1 "é" from uvicorn) become their characters.
+    value = header_text(value)
     if "%" in value:
         # Non-ASCII values arrive percent-encoded UTF-8; bad sequences become U+FFFD.
         value = unquote(value, encoding="utf-8", errors="replace")
-    value = value.strip()[:limit].strip()
+    # Decoded or not, CR/LF/NUL and other controls are no part of an id or a name.
+    value = strip_controls(value).strip()[:limit].strip()
     return value or None
 
 
