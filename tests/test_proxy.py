@@ -216,7 +216,7 @@ async def test_upstream_refusing_connections_gives_502(http, start_proxy):
         async with http.get(proxy.url + "/items/1") as r:
             assert r.status == 502
             assert "refused" in await r.text()
-    st = await proxy.status()
+    st = await proxy.wait_status(lambda st: st["requests_total"] == 1)
     assert st["upstream_errors"] == {"connect": 1}
 
 
@@ -303,7 +303,7 @@ async def test_stale_pooled_connection_is_retried_once_for_idempotent_requests(h
             async with http.get(proxy.url + "/x") as r:
                 assert r.status == 200
                 assert await r.read() == b"ok"
-        st = await proxy.status()
+        st = await proxy.wait_status(lambda st: st["requests_total"] == 5)
         assert st["upstream_retries"] >= 1
         assert st["requests_by_status"] == {"200": 5}
     finally:
@@ -766,7 +766,7 @@ async def test_stalled_or_broken_client_body_is_the_clients_error_not_an_upstrea
         # ends the exchange within the body timeout and blames the client.
         await asyncio.sleep(2.5)
     writer.close()
-    st = await proxy.status()
+    st = await proxy.wait_status(lambda st: st["requests_total"] == 1)
     assert st["requests_by_status"] == {"408": 1}
     assert "timeout" not in st["upstream_errors"]
     assert st["in_flight"] == 0

@@ -22,8 +22,7 @@ async def test_websocket_messages_are_relayed_both_ways(upstream, http, start_pr
         assert msg.data == 4001
     async with http.get(proxy.url + "/items/1") as r:  # plain requests still flow
         assert r.status == 200
-    st = await proxy.status()
-    assert st["requests_by_status"].get("101") == 1
+    await proxy.wait_status(lambda st: st["requests_by_status"].get("101") == 1)
     assert await proxy.stop() == 0
     # Like the official clients, WebSocket sessions are not metered as API requests.
     assert hub.request_counts() == {(None, "GET", "/items/{id}", 200): 1}
@@ -45,8 +44,9 @@ async def test_client_closing_the_websocket_ends_the_upstream_side(upstream, htt
             await ws.receive_str()
             await ws.send_str("x")
             assert await ws.receive_str() == "echo:x"
-    st = await proxy.status()
-    assert st["in_flight"] == 0
+    # The relay ends its upstream side after the client's close completes: wait for it.
+    st = await proxy.wait_status(lambda st: st["in_flight"] == 0)
+    assert st["requests_by_status"].get("101") == 3
 
 
 async def test_websocket_upgrade_redirects_are_passed_back_not_followed(http, start_proxy):

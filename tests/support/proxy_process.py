@@ -103,6 +103,19 @@ class ProxyProcess:
         async with aiohttp.ClientSession() as s, s.get(self.admin_url + "/status.json") as r:
             return await r.json()
 
+    async def wait_status(self, predicate, timeout: float = 10.0) -> dict:
+        """The admin status once `predicate(status)` holds. Counters move after the client
+        has its answer (a request is recorded when its handler ends): never read them once."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            st = await self.status()
+            if predicate(st):
+                return st
+            if loop.time() > deadline:
+                raise AssertionError(f"proxy status: condition not met in {timeout} s: {st!r}")
+            await asyncio.sleep(0.05)
+
     def rss(self) -> int:
         import psutil
 
