@@ -7,6 +7,7 @@ exactly which setting to fix.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import re
@@ -15,6 +16,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic.fields import FieldInfo
@@ -29,6 +31,9 @@ from apitally_proxy.metering.identity import (
 from apitally_proxy.routes import parse_declared
 
 DEFAULT_HUB_URL = "https://hub.apitally.io"
+DEFAULT_OTLP_ENDPOINT = "https://otlp.apitally.io"
+WRITE_TOKEN_PATTERN = re.compile(r"^apt_[a-zA-Z0-9]{24}$")
+OTLP_INTERVAL = 15.0  # seconds between exports, as apitally 1.0.0 (until the server says)
 ENV_PATTERN = re.compile(r"^[\w-]{1,32}$")
 HUB_URL_PATTERN = re.compile(r"^https?://[^/\s?#]+(/[^\s?#]*)?$")
 FRAMEWORKS = ("starlette", "fastapi", "flask", "litestar", "fastify")
@@ -238,7 +243,30 @@ class Settings(BaseSettings):
         None,
         env="APITALLY_CLIENT_ID",
         flag="--client-id",
-        description="Apitally client id; none means local mode",
+        description="Apitally client id (0.x hub protocol); none means local mode",
+    )
+    write_token: str | None = _setting(
+        None,
+        env="APITALLY_WRITE_TOKEN",
+        description="Apitally write token (1.x, OpenTelemetry export); a secret, so env or "
+        "config file only; wins over a client id",
+    )
+    otlp_endpoint: str = _setting(
+        DEFAULT_OTLP_ENDPOINT,
+        env="APITALLY_OTLP_ENDPOINT",
+        description="base URL of Apitally's OTLP endpoint (signals go to /v1/<signal>)",
+    )
+    collector_endpoint: str | None = _setting(
+        None,
+        env="OTEL_EXPORTER_OTLP_ENDPOINT",
+        description="base URL of any OTLP/HTTP collector, used when no Apitally credential "
+        "is set (Grafana, Honeycomb, an OpenTelemetry Collector…)",
+    )
+    collector_headers: str | None = _setting(
+        None,
+        env="OTEL_EXPORTER_OTLP_HEADERS",
+        description="headers for the collector, `key=value,key2=value2` (values URL-encoded); "
+        "env or config file only, they usually carry a key",
     )
     env: str = _setting("dev", env="APITALLY_ENV", flag="--env", description="Apitally env")
     hub_url: str = _setting(
@@ -454,6 +482,9 @@ class Settings(BaseSettings):
 
     @field_validator(
         "client_id",
+        "write_token",
+        "collector_endpoint",
+        "collector_headers",
         "app_version",
         "openapi_url",
         "consumer_header",
@@ -541,11 +572,108 @@ class Settings(BaseSettings):
 
     @property
     def hub_enabled(self) -> bool:
-        return self.client_id is not None and self.hub_problem is None
+        return self.export_mode == "hub"
+
+    @property
+    def export_mode(self) -> Literal["otlp", "hub", "collector", "local"]:
+        """Where the data goes: chosen by the credential (a write token wins), else a
+        collector endpoint, else nowhere (local mode). A bad setting means local mode."""
+        if self.write_token is not None:
+            return "otlp" if self.export_problem is None else "local"
+        if self.client_id is not None:
+            return "hub" if self.export_problem is None else "local"
+        if self.collector_endpoint is not None:
+            return "collector" if self.export_problem is None else "local"
+        return "local"
+
+    @property
+    def export_problem(self) -> str | None:
+        """Why the chosen destination cannot be used, or None (a bad Apitally or collector
+        setting never stops traffic: the proxy runs in local mode and says why)."""
+        if self.write_token is not None:
+            if not WRITE_TOKEN_PATTERN.match(self.write_token):
+                # Never echo a secret, not even part of it.
+                return (
+                    f"the write token ({len(self.write_token)} characters) is not of the form "
+                    "apt_ + 24 letters or digits: set APITALLY_WRITE_TOKEN / `write_token` to the "
+                    "token shown in the Apitally dashboard"
+                )
+            return self._env_problem() or _url_problem(
+                self.otlp_endpoint, "APITALLY_OTLP_ENDPOINT / `otlp_endpoint`"
+            )
+        if self.client_id is not None:
+            return self.hub_problem
+        if self.collector_endpoint is not None:
+            return _url_problem(
+                self.collector_endpoint, "OTEL_EXPORTER_OTLP_ENDPOINT / `collector_endpoint`"
+            ) or _headers_problem(self.collector_headers)
+        return None
+
+    def _env_problem(self) -> str | None:
+        if ENV_PATTERN.match(self.env):
+            return None
+        return (
+            f"env {self.env!r} is invalid: APITALLY_ENV / --env must be 1-32 letters, "
+            "digits, '_' or '-'"
+        )
+
+    @property
+    def export_warnings(self) -> list[str]:
+        """Settings that are set but ignored, worth a warning at start-up."""
+        out = []
+        if self.write_token is not None and self.client_id is not None:
+            out.append(
+                f"both a write token and client id {self.client_id} are set: the write token "
+                "wins (OpenTelemetry export, Apitally 1.x); the client id is ignored"
+            )
+        if self.collector_endpoint is not None and self.export_mode in ("otlp", "hub"):
+            out.append(
+                "OTEL_EXPORTER_OTLP_ENDPOINT is ignored: the Apitally credential decides where "
+                "data goes (one destination per proxy)"
+            )
+        return out
 
     @property
     def client_tag(self) -> str | None:
         return CLIENT_TAGS.get(self.framework)
+
+    @property
+    def instance_key(self) -> str | None:
+        """What instance ids are kept per (with the env): the credential, hashed."""
+        if self.write_token is not None:
+            return "otlp-" + hashlib.sha256(self.write_token.encode()).hexdigest()[:16]
+        if self.client_id is None and self.collector_endpoint is not None:
+            return "collector-" + hashlib.sha256(self.collector_endpoint.encode()).hexdigest()[:16]
+        return self.client_id
+
+
+def parse_headers(value: str | None) -> dict[str, str]:
+    """`key=value,key2=value2` (values URL-encoded), as OTEL_EXPORTER_OTLP_HEADERS is spelled."""
+    headers: dict[str, str] = {}
+    for item in (value or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"header entry {key.strip()[:40]!r} has no `=value`")
+        headers[key.strip()] = unquote(val.strip())
+    return headers
+
+
+def _headers_problem(value: str | None) -> str | None:
+    try:
+        parse_headers(value)
+    except ValueError as exc:
+        return (
+            f"OTEL_EXPORTER_OTLP_HEADERS / `collector_headers`: {exc} (use key=value,key2=value2)"
+        )
+    return None
+
+
+def _url_problem(url: str, setting: str) -> str | None:
+    if HUB_URL_PATTERN.match(url.strip()):
+        return None
+    return f"{url!r} is not an http(s) URL: fix {setting}"
 
 
 def _describe(field_name: str) -> str:

@@ -189,8 +189,19 @@ def detect_framework(doc: dict[str, Any], hint: str | None) -> str | None:
     return hint
 
 
-def extract_routes(doc: dict[str, Any], framework: str | None, warnings: list[str]) -> list[Route]:
-    """The document's operations as routes, spelled as `framework` writes templates."""
+def extract_routes(
+    doc: dict[str, Any],
+    framework: str | None,
+    warnings: list[str],
+    typed_litestar: bool = True,
+) -> list[Route]:
+    """The document's operations as routes, spelled as `framework` writes templates.
+
+    Litestar's own spelling carries the type (`/items/{id:int}`, what apitally 0.x
+    reports); apitally 1.x reports Litestar's `path_format` (`/items/{id}`), so OTLP
+    export passes `typed_litestar=False`.
+    """
+    spelling = framework if typed_litestar or framework != "litestar" else None
     prefix = _prefix(doc)
     # Only Flask and Litestar check parameter types while routing (a mismatch is a
     # 404); FastAPI and Fastify route first and validate after.
@@ -220,7 +231,7 @@ def extract_routes(doc: dict[str, Any], framework: str | None, warnings: list[st
                 Param(s.name, s.kind or kinds.get(s.name)) if isinstance(s, Param) else s
                 for s in segments
             )
-            reported = spell(segs, framework)
+            reported = spell(segs, spelling)
             if not typed:
                 segs = tuple(
                     Param(s.name, "path" if s.kind == "path" else None)
@@ -244,6 +255,7 @@ def build_route_set(
     framework: str | None,
     detect: bool,
     declared: list[Route],
+    typed_litestar: bool = True,
 ) -> RouteSet:
     """Parse, extract and compile (pure; run it in a thread). Raises DocumentError."""
     warnings: list[str] = []
@@ -253,7 +265,7 @@ def build_route_set(
         doc, openapi = load_document(raw)
         if framework is None and detect:
             framework = detect_framework(doc, hint)
-        routes = extract_routes(doc, framework, warnings)
+        routes = extract_routes(doc, framework, warnings, typed_litestar)
         if openapi is None:
             with contextlib.suppress(TypeError, ValueError):
                 openapi = json.dumps(doc)
@@ -282,12 +294,14 @@ class RouteDiscovery:
         on_change: Callable[[RouteSet], None],
         refresh: float = 300.0,
         upstream_trouble: Callable[[], int] | None = None,
+        typed_litestar: bool = True,
     ) -> None:
         self._upstream = upstream
         self._openapi_url = openapi_url
         self._framework = framework
         self._detect = detect
         self._declared = declared
+        self._typed_litestar = typed_litestar
         self._on_change = on_change
         self._refresh = refresh
         self._trouble = upstream_trouble or (lambda: 0)
@@ -373,7 +387,14 @@ class RouteDiscovery:
     async def _compile(self, raw: bytes | None, where: str, hint: str | None) -> bool:
         try:
             route_set = await asyncio.to_thread(
-                build_route_set, raw, where, hint, self._framework, self._detect, self._declared
+                build_route_set,
+                raw,
+                where,
+                hint,
+                self._framework,
+                self._detect,
+                self._declared,
+                self._typed_litestar,
             )
         except DocumentError as exc:
             self._warn(f"OpenAPI document at {where} ignored: {exc}")

@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import gc
 import logging
+import platform
 import re
 import signal
 import time
+import uuid
 from typing import Any
 
 from aiohttp import web
@@ -17,14 +19,22 @@ from apitally_proxy import __version__
 from apitally_proxy.admin import build_admin_app
 from apitally_proxy.capture import Captures
 from apitally_proxy.cluster import StatusPublisher, merged_status, status_path
-from apitally_proxy.config import CLIENT_TAGS, FRAMEWORKS, ConfigError, Settings
+from apitally_proxy.config import (
+    CLIENT_TAGS,
+    FRAMEWORKS,
+    OTLP_INTERVAL,
+    ConfigError,
+    Settings,
+    parse_headers,
+)
 from apitally_proxy.hub.instance import acquire_instance
-from apitally_proxy.hub.payloads import startup_payload
+from apitally_proxy.hub.payloads import HubCodec, startup_payload
 from apitally_proxy.hub.request_log import RequestLog
 from apitally_proxy.hub.spool import Spool
 from apitally_proxy.hub.sync import HubSync
 from apitally_proxy.hub.transport import HubTransport, LocalTransport, Transport
 from apitally_proxy.metering import Meter
+from apitally_proxy.metering.histograms import HistogramCounter
 from apitally_proxy.metering.identity import (
     ConsumerIdentity,
     ConsumerMapError,
@@ -33,6 +43,8 @@ from apitally_proxy.metering.identity import (
     read_consumer_map,
 )
 from apitally_proxy.openapi import RouteDiscovery, RouteSet
+from apitally_proxy.otlp.codec import OtlpCodec, resource_attributes, startup_body
+from apitally_proxy.otlp.transport import OtlpTransport
 from apitally_proxy.proxy import Exchange, ReverseProxy
 from apitally_proxy.routes import MatchRules, RouteResolver, RouteTable, declared_routes
 
@@ -49,7 +61,9 @@ class Worker:
         self.settings = settings
         self.slot = slot
         self.identity = _make_identity(settings)
-        self.lease = acquire_instance(settings.state_dir, settings.client_id, settings.env, slot)
+        self.mode = settings.export_mode
+        self.otlp = self.mode in ("otlp", "collector")
+        self.lease = acquire_instance(settings.state_dir, settings.instance_key, settings.env, slot)
         self.routes = RouteResolver(
             settings.max_templates_per_method, base_path=settings.upstream_target.base_path
         )
@@ -69,12 +83,20 @@ class Worker:
             self._routes_changed,
             refresh=settings.openapi_refresh,
             upstream_trouble=lambda: sum(self.proxy.upstream_errors.values()),
+            typed_litestar=not self.otlp,
         )
         self.meter = Meter(
             self.routes,
             max_consumers=settings.max_consumers,
             framework=settings.framework,
             identity=self.identity,
+            # OpenTelemetry export wants exponential histograms; the hub wants its bins.
+            requests=HistogramCounter(settings.max_consumers) if self.otlp else None,
+        )
+        self.codec: OtlpCodec | HubCodec = (
+            OtlpCodec(resource_attributes(self.lease.uuid, settings.env, __version__))
+            if self.otlp
+            else HubCodec(self.lease.uuid)
         )
         self.transport = self._make_transport()
         self.request_log = self._make_request_log()
@@ -93,7 +115,9 @@ class Worker:
             source=self.meter,
             startup=self._startup_payload,
             spool=self.spool,
+            codec=self.codec,
             interval=settings.sync_interval,
+            default_interval=OTLP_INTERVAL if self.otlp else None,
             after_sync=[self.request_log.deliver] if self.request_log is not None else None,
         )
         self.ready = False
@@ -104,13 +128,31 @@ class Worker:
 
     def _make_transport(self) -> Transport:
         s = self.settings
-        problem = s.hub_problem
+        problem = s.export_problem
         if problem:
             # A bad Apitally setting never stops traffic: say so loudly and keep proxying.
             log.error("Apitally disabled, running in local mode: %s", problem)
-        if s.hub_enabled:
+        for warning in s.export_warnings:
+            log.warning("%s", warning)
+        if self.mode == "hub":
             assert s.client_id is not None
             return HubTransport(s.hub_url, s.client_id, s.env, timeout=s.hub_timeout)
+        if self.mode == "otlp":
+            assert s.write_token is not None
+            return OtlpTransport(
+                s.otlp_endpoint,
+                {"Authorization": f"Bearer {s.write_token}", "Apitally-Env": s.env},
+                "APITALLY_WRITE_TOKEN / `write_token`",
+                timeout=s.hub_timeout,
+            )
+        if self.mode == "collector":
+            assert s.collector_endpoint is not None
+            return OtlpTransport(
+                s.collector_endpoint,
+                parse_headers(s.collector_headers),
+                "OTEL_EXPORTER_OTLP_HEADERS / `collector_headers`",
+                timeout=s.hub_timeout,
+            )
         return LocalTransport(s.state_dir / "local", f"worker-{self.lease.slot}")
 
     def _make_request_log(self) -> RequestLog | None:
@@ -142,6 +184,19 @@ class Worker:
 
     def _startup_payload(self, instance_uuid: str) -> dict[str, Any]:
         s = self.settings
+        if isinstance(self.codec, OtlpCodec):
+            framework = self.routes.framework or (
+                s.framework if s.framework in FRAMEWORKS else None
+            )
+            versions = {"python": platform.python_version(), "apitally-proxy": __version__}
+            if s.app_version:
+                versions["app"] = s.app_version
+            # 1.x spells methods upper-case (the 0.x hub payload lower-case).
+            paths = [
+                {"method": p["method"].upper(), "path": p["path"]} for p in self.routes.paths()
+            ]
+            body = startup_body(framework, versions, paths, self._openapi)
+            return self.codec.startup(str(uuid.uuid4()), body)
         client_tag = CLIENT_TAGS.get(self.routes.framework or "") or s.client_tag
         return startup_payload(
             instance_uuid, self.routes.paths(), client_tag, s.app_version, self._openapi
@@ -156,10 +211,16 @@ class Worker:
         if changed:
             self.sync.announce()
 
+    def _endpoint(self) -> str | None:
+        s = self.settings
+        return {"hub": s.hub_url, "otlp": s.otlp_endpoint, "collector": s.collector_endpoint}.get(
+            self.mode
+        )
+
     def status(self) -> dict[str, Any]:
         """Live state for the admin endpoints."""
         s = self.settings
-        problem = s.hub_problem or self.transport.last_error
+        problem = s.export_problem or self.transport.last_error
         return {
             "version": __version__,
             "upstream": str(s.upstream_target),
@@ -184,7 +245,8 @@ class Worker:
             "upstream_retries": self.proxy.retries,
             "refused": self.proxy.refused,
             "hub": {
-                "mode": "hub" if s.hub_enabled else "local",
+                "mode": self.mode,
+                "endpoint": self._endpoint(),
                 "ok": problem is None and not self.sync.stopped,
                 "problem": problem,
                 "stopped": self.sync.stopped,
@@ -264,7 +326,11 @@ class Worker:
         await self.discovery.first_round(timeout=2.0)
         await self.sync.start()
         self.ready = True
-        mode = "hub " + s.hub_url if s.hub_enabled else f"local mode ({self.transport.path})"  # type: ignore[attr-defined]
+        mode = {"hub": f"hub {s.hub_url}", "otlp": f"OTLP {s.otlp_endpoint}"}.get(self.mode) or (
+            f"OTLP collector {s.collector_endpoint}"
+            if self.mode == "collector"
+            else f"local mode ({self.transport.path})"  # type: ignore[attr-defined]
+        )
         log.info(
             "worker %d proxying %s -> %s, instance %s, %s",
             self.lease.slot,

@@ -8,6 +8,7 @@ import aiohttp
 import pytest
 
 from tests.support.fake_hub import FakeHub
+from tests.support.fake_otlp import FakeOtlp
 from tests.support.proxy_process import ProxyProcess
 from tests.support.upstream import Upstream
 
@@ -19,6 +20,13 @@ async def hub() -> AsyncIterator[FakeHub]:
     h = await FakeHub().start()
     yield h
     await h.stop()
+
+
+@pytest.fixture
+async def otlp() -> AsyncIterator[FakeOtlp]:
+    receiver = await FakeOtlp().start()
+    yield receiver
+    await receiver.stop()
 
 
 @pytest.fixture

@@ -129,9 +129,19 @@ def test_checkpoint_already_spooled_is_not_recovered_twice(tmp_path):
     spool = Spool(tmp_path)
     spool.write_checkpoint({"message_uuid": "m1", "requests": []})
     spool.put({"message_uuid": "m1", "requests": []})  # crash before the checkpoint was cleared
-    assert spool.recover_checkpoint() is None
-    spool.write_checkpoint({"message_uuid": "m2", "requests": []})
-    assert spool.recover_checkpoint()["message_uuid"] == "m2"
+    assert spool.recover_checkpoint() == []
+    spool.write_checkpoint({"message_uuid": "m2", "requests": []})  # as an older proxy wrote it
+    assert [p["message_uuid"] for p in spool.recover_checkpoint()] == ["m2"]
+
+
+def test_a_checkpoint_of_several_exports_recovers_those_not_spooled(tmp_path):
+    spool = Spool(tmp_path)
+    parts = [{"message_uuid": "m3.0"}, {"message_uuid": "m3.1"}, {"message_uuid": "m3"}]
+    spool.write_checkpoint({"message_uuid": "m3", "payloads": parts})
+    spool.put(parts[0])  # a crash while the closed interval was being spooled
+    assert [p["message_uuid"] for p in spool.recover_checkpoint()] == ["m3.1", "m3"]
+    spool.put(parts[2])  # the interval's own export is spooled last: all of it is
+    assert spool.recover_checkpoint() == []
 
 
 def test_torn_or_garbage_spool_files_are_survived(tmp_path):
@@ -144,7 +154,7 @@ def test_torn_or_garbage_spool_files_are_survived(tmp_path):
     (entry,) = spool.entries()
     assert spool.load(entry) is None  # unreadable: dropped with an error
     assert spool.entries() == []
-    assert spool.recover_checkpoint() is None
+    assert spool.recover_checkpoint() == []
 
 
 def test_spooled_files_are_plain_json_payloads(tmp_path):

@@ -7,6 +7,8 @@ import time
 import uuid
 from typing import Any
 
+import psutil
+
 from apitally_proxy import __version__
 
 # The official FastAPI integration is the Starlette middleware, which reports
@@ -51,3 +53,38 @@ def sync_payload(
         **aggregates,
         "resources": resources,
     }
+
+
+class HubCodec:
+    """An interval's aggregates → the one hub sync payload that carries them."""
+
+    def __init__(self, instance_uuid: str) -> None:
+        self.instance_uuid = instance_uuid
+        self._process = psutil.Process()
+        self._process.cpu_percent()  # prime the CPU counter
+        self._primed = False
+
+    def _resources(self) -> dict[str, Any] | None:
+        if not self._primed:
+            # Like the official clients: no reading at the first sync, since the CPU
+            # counter was primed only moments ago and would report noise.
+            self._primed = True
+            return None
+        try:
+            return {
+                "cpu_percent": self._process.cpu_percent(),
+                "memory_rss": self._process.memory_info().rss,
+            }
+        except psutil.Error:
+            return None
+
+    def interval(
+        self,
+        aggregates: dict[str, Any],
+        message_uuid: str,
+        start_ns: int,
+        end_ns: int,
+        live: bool = True,
+    ) -> list[dict[str, Any]]:
+        resources = self._resources() if live else None
+        return [sync_payload(self.instance_uuid, aggregates, resources, message_uuid)]

@@ -3,7 +3,7 @@
 Layout (one directory per instance slot):
 
     <dir>/<created_ns>-<message_uuid>.json   payloads waiting for the hub, oldest first
-    <dir>/checkpoint.json                    the open interval's aggregates so far
+    <dir>/checkpoint.json                    the open interval's payloads so far
 
 Each file is written to a temporary name, fsync'd and renamed, so a crash leaves
 either the old or the new version, never half a file. A payload file is removed
@@ -164,20 +164,26 @@ class Spool:
     def clear_checkpoint(self) -> None:
         (self.directory / CHECKPOINT).unlink(missing_ok=True)
 
-    def recover_checkpoint(self) -> dict[str, Any] | None:
-        """The checkpoint a crashed process left, unless its payload was already spooled."""
+    def recover_checkpoint(self) -> list[dict[str, Any]]:
+        """The payloads a crashed process's checkpoint holds that are not spooled yet.
+
+        A checkpoint is `{"message_uuid", "payloads": [...]}`, the interval's own
+        payload (named by that uuid) last; once that one is spooled, the interval was
+        closed and nothing is recovered. (An older proxy wrote the payload itself.)
+        """
         path = self.directory / CHECKPOINT
         try:
             checkpoint = orjson.loads(path.read_bytes())
         except FileNotFoundError:
-            return None
+            return []
         except (OSError, orjson.JSONDecodeError) as exc:
             log.error("checkpoint %s is unreadable (%s); ignoring it", path, exc)
             with contextlib.suppress(OSError):
                 path.unlink()
-            return None
+            return []
+        payloads = checkpoint.get("payloads", [checkpoint])
         spooled = {e.message_uuid for e in self.entries()}
         if checkpoint.get("message_uuid") in spooled:
             self.clear_checkpoint()
-            return None
-        return checkpoint
+            return []
+        return [p for p in payloads if p.get("message_uuid") not in spooled]

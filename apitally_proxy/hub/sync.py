@@ -1,10 +1,12 @@
-"""The sync loop: aggregates → spooled payloads → the hub, in order, off the hot path.
+"""The sync loop: aggregates → spooled payloads → the hub or an OTLP endpoint, in order,
+off the hot path.
 
 Two background tasks per worker:
 - every ~1 s, the open interval's aggregates are checkpointed to disk, so a
   SIGKILL loses at most that second;
-- every sync interval, the interval is closed into a payload, made durable in
-  the spool, and everything waiting in the spool is delivered oldest first.
+- every sync interval, the interval is closed into its payloads (a `Codec` says
+  which: one hub sync payload, or OTLP exports), made durable in the spool, and
+  everything waiting in the spool is delivered oldest first.
 """
 
 from __future__ import annotations
@@ -17,9 +19,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
-import psutil
-
-from apitally_proxy.hub.payloads import sync_payload
 from apitally_proxy.hub.spool import Spool
 from apitally_proxy.hub.transport import Outcome, Transport
 
@@ -42,6 +41,20 @@ class AggregateSource(Protocol):
     def get_and_reset(self) -> dict[str, Any]: ...
 
 
+class Codec(Protocol):
+    def interval(
+        self,
+        aggregates: dict[str, Any],
+        message_uuid: str,
+        start_ns: int,
+        end_ns: int,
+        live: bool = True,
+    ) -> list[dict[str, Any]]:
+        """The payloads of one interval, the one named `message_uuid` last; `live` is
+        False for checkpoints (no process readings)."""
+        ...
+
+
 class HubSync:
     """Owns the spool, the payload delivery and the two background tasks that drive them.
 
@@ -56,7 +69,9 @@ class HubSync:
         source: AggregateSource,
         startup: Callable[[str], dict[str, Any]],
         spool: Spool,
+        codec: Codec,
         interval: float | None = None,
+        default_interval: float | None = None,
         checkpoint_interval: float = CHECKPOINT_INTERVAL,
         after_sync: list[Callable[[], Awaitable[None]]] | None = None,
     ) -> None:
@@ -65,7 +80,10 @@ class HubSync:
         self.spool = spool
         self._source = source
         self._startup = startup
+        self._codec = codec
         self._interval = interval
+        self._default_interval = default_interval
+        self._interval_start_ns = time.time_ns()
         self._checkpoint_interval = checkpoint_interval
         # Extra deliveries that ride on each sync (e.g. request-log uploads).
         self._after_sync = after_sync or []
@@ -79,9 +97,6 @@ class HubSync:
         self._checkpointed_at = -1  # source.recorded at the last checkpoint
         self._state_lock = asyncio.Lock()  # closing an interval vs checkpointing it
         self._deliver_lock = asyncio.Lock()
-        self._process = psutil.Process()
-        self._process.cpu_percent()  # prime the CPU counter
-        self._resources_primed = False
         self.stopped = False  # the hub said 404: nothing more is sent
         self.queued = 0
         self.sent = 0
@@ -98,8 +113,14 @@ class HubSync:
         return self.spool.dropped_full
 
     def interval(self) -> float:
+        # The server's say (Apitally-Export-Interval) wins, then the setting, then defaults.
+        server = getattr(self.transport, "server_interval", None)
+        if server is not None:
+            return server
         if self._interval is not None:
             return self._interval
+        if self._default_interval is not None:
+            return self._default_interval
         elapsed = time.monotonic() - self._started
         return INITIAL_INTERVAL if elapsed < INITIAL_PERIOD else STEADY_INTERVAL
 
@@ -112,14 +133,14 @@ class HubSync:
 
     async def start(self) -> None:
         """Recover what a crashed predecessor left, then start the background tasks."""
-        checkpoint = await self._io(self.spool.recover_checkpoint)
-        if checkpoint is not None:
-            await self._io(self._spool_checkpoint, checkpoint)
+        recovered = await self._io(self.spool.recover_checkpoint)
+        if recovered:
+            await self._io(self._spool_checkpoint, recovered)
             self.recovered += 1
             log.warning(
                 "recovered the last counts of a process that did not shut down cleanly "
                 "(message %s)",
-                checkpoint.get("message_uuid"),
+                recovered[-1].get("message_uuid"),
             )
         self.queued = len(await self._io(self.spool.entries))
         self.announce()
@@ -129,8 +150,9 @@ class HubSync:
             loop.create_task(self._run_checkpoints(), name="hub-checkpoint"),
         ]
 
-    def _spool_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.spool.put(checkpoint)
+    def _spool_checkpoint(self, payloads: list[dict[str, Any]]) -> None:
+        for payload in payloads:
+            self.spool.put(payload)
         self.spool.clear_checkpoint()
 
     async def _run_syncs(self) -> None:
@@ -204,20 +226,6 @@ class HubSync:
             )
         await self.transport.close()
 
-    def _resources(self) -> dict[str, Any] | None:
-        if not self._resources_primed:
-            # Like the official clients: no reading at the first sync, since the CPU
-            # counter was primed only moments ago and would report noise.
-            self._resources_primed = True
-            return None
-        try:
-            return {
-                "cpu_percent": self._process.cpu_percent(),
-                "memory_rss": self._process.memory_info().rss,
-            }
-        except psutil.Error:
-            return None
-
     async def checkpoint_once(self) -> None:
         """Write the open interval's aggregates to disk (skipped while empty)."""
         async with self._state_lock:
@@ -227,40 +235,45 @@ class HubSync:
             aggregates = self._source.peek()
             if not any(aggregates[k] for k in AGGREGATE_KEYS):
                 return
-            payload = sync_payload(
-                self.instance_uuid, aggregates, None, message_uuid=self._next_message_uuid
+            mu = self._next_message_uuid
+            payloads = await self._io(
+                self._codec.interval, aggregates, mu, self._interval_start_ns, time.time_ns(), False
             )
-            await self._io(self.spool.write_checkpoint, payload)
+            checkpoint = {"message_uuid": mu, "payloads": payloads}
+            await self._io(self.spool.write_checkpoint, checkpoint)
             self._checkpointed_at = recorded
 
     async def close_interval(self) -> None:
-        """Turn the open interval into a durable payload and start a new interval."""
+        """Turn the open interval into durable payloads and start a new interval."""
         async with self._state_lock:
             aggregates = self._source.get_and_reset()
-            payload = sync_payload(
-                self.instance_uuid,
-                aggregates,
-                self._resources(),
-                message_uuid=self._next_message_uuid,
-            )
+            start_ns, end_ns = self._interval_start_ns, time.time_ns()
+            self._interval_start_ns = end_ns
+            mu = self._next_message_uuid
             self._next_message_uuid = str(uuid.uuid4())
             if self.stopped:
                 return
+            payloads = await self._io(self._codec.interval, aggregates, mu, start_ns, end_ns)
+            unspooled = await self._io(self._spool_payloads, payloads)
+            self._unspooled.extend(unspooled)
+            self.queued += len(payloads)
+
+    def _spool_payloads(self, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Spool in order (the interval's own payload last, so a checkpoint can tell what
+        is missing); returns what the spool could not take (disk full), kept in memory."""
+        for i, payload in enumerate(payloads):
             try:
-                await self._io(self._spool_payload, payload)
+                self.spool.put(payload)
             except OSError as exc:
                 log.error("cannot write to the spool (%s); keeping the payload in memory", exc)
-                self._unspooled.append(payload)
-            self.queued += 1
-
-    def _spool_payload(self, payload: dict[str, Any]) -> None:
-        self.spool.put(payload)
+                return payloads[i:]
         try:
             self.spool.clear_checkpoint()
         except OSError as exc:
-            # The payload is durable; a stale checkpoint naming its message_uuid is
-            # recognised and dropped at recovery, so this is only worth a warning.
+            # The payloads are durable; a stale checkpoint naming the interval's
+            # message_uuid is recognised and dropped at recovery: only worth a warning.
             log.warning("could not remove the checkpoint (%s)", exc)
+        return []
 
     async def sync_once(self) -> None:
         """Close the interval, deliver everything waiting, run the after-sync hooks."""

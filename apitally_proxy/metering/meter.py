@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from apitally_proxy.metering.consumers import ConsumerRegistry, parse_consumer
+from apitally_proxy.metering.histograms import HistogramCounter
 from apitally_proxy.metering.identity import ConsumerIdentity
 from apitally_proxy.metering.requests import RequestCounter
 from apitally_proxy.metering.validation import (
@@ -55,11 +56,13 @@ class Meter:
         max_consumers: int = 10_000,
         framework: str = "auto",
         identity: ConsumerIdentity | None = None,
+        requests: RequestCounter | HistogramCounter | None = None,
     ) -> None:
         self.resolver = resolver
         self.identity = identity
         self.framework = framework
-        self.requests = RequestCounter(max_consumers=max_consumers)
+        # The hub's bins by default; exponential histograms for OpenTelemetry export.
+        self.requests = requests if requests is not None else RequestCounter(max_consumers)
         self.consumers = ConsumerRegistry(max_size=max_consumers)
         self.route_overrides = RouteOverrides()
         self.validation_errors = ValidationErrorCounter(max_keys=max_consumers)

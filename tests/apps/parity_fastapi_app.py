@@ -8,7 +8,15 @@ from __future__ import annotations
 from fastapi import FastAPI, HTTPException, Request
 from pydantic import BaseModel
 
-from tests.apps.parity_common import CLIENT_ID, ENV, OFFICIAL, consumer_for, consumer_headers
+from tests.apps.parity_common import (
+    CLIENT_ID,
+    ENV,
+    OFFICIAL,
+    OFFICIAL1,
+    consumer_for,
+    consumer_headers,
+    set_consumer_1x,
+)
 
 app = FastAPI(title="parity")
 
@@ -56,6 +64,15 @@ if OFFICIAL:
         return await call_next(request)
 
     app.add_middleware(ApitallyMiddleware, client_id=CLIENT_ID, env=ENV)
+elif OFFICIAL1:
+    import apitally.fastapi
+
+    @app.middleware("http")
+    async def identify_consumer_1x(request: Request, call_next):
+        set_consumer_1x(request.headers.get("authorization"))
+        return await call_next(request)
+
+    apitally.fastapi.init(app)
 else:
     # With apitally-proxy: name the consumer in response headers.
     @app.middleware("http")

@@ -7,7 +7,15 @@ from __future__ import annotations
 
 from flask import Flask, abort, g, request
 
-from tests.apps.parity_common import CLIENT_ID, ENV, OFFICIAL, consumer_for, consumer_headers
+from tests.apps.parity_common import (
+    CLIENT_ID,
+    ENV,
+    OFFICIAL,
+    OFFICIAL1,
+    consumer_for,
+    consumer_headers,
+    set_consumer_1x,
+)
 
 app = Flask(__name__)
 
@@ -63,6 +71,14 @@ if OFFICIAL:
             set_consumer(*g.consumer)
 
     app.wsgi_app = ApitallyMiddleware(app, client_id=CLIENT_ID, env=ENV)
+elif OFFICIAL1:
+    import apitally.flask
+
+    @app.before_request
+    def set_apitally_consumer_1x():
+        set_consumer_1x(request.headers.get("Authorization"))
+
+    apitally.flask.init(app)
 else:
     # With apitally-proxy: name the consumer in response headers (error responses included).
     @app.after_request

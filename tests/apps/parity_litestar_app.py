@@ -12,7 +12,15 @@ from litestar import Litestar, Request, get, post
 from litestar.exceptions import NotFoundException
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from tests.apps.parity_common import CLIENT_ID, ENV, OFFICIAL, consumer_for, consumer_headers
+from tests.apps.parity_common import (
+    CLIENT_ID,
+    ENV,
+    OFFICIAL,
+    OFFICIAL1,
+    consumer_for,
+    consumer_headers,
+    set_consumer_1x,
+)
 
 
 @dataclass
@@ -79,6 +87,16 @@ if OFFICIAL:
     options = {
         "plugins": [ApitallyPlugin(client_id=CLIENT_ID, env=ENV)],
         "before_request": set_apitally_consumer,
+    }
+elif OFFICIAL1:
+    import apitally.litestar
+
+    def set_apitally_consumer_1x(request: Request) -> None:
+        set_consumer_1x(request.headers.get("authorization"))
+
+    options = {
+        "plugins": [apitally.litestar.ApitallyPlugin()],
+        "before_request": set_apitally_consumer_1x,
     }
 else:
     options = {"middleware": [consumer_header]}

@@ -13,7 +13,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from tests.apps.parity_common import CLIENT_ID, ENV, OFFICIAL, consumer_for, consumer_headers
+from tests.apps.parity_common import (
+    CLIENT_ID,
+    ENV,
+    OFFICIAL,
+    OFFICIAL1,
+    consumer_for,
+    consumer_headers,
+    set_consumer_1x,
+)
 
 
 async def list_items(request: Request) -> JSONResponse:
@@ -83,7 +91,18 @@ if OFFICIAL:
         Middleware(ApitallyMiddleware, client_id=CLIENT_ID, env=ENV),
         Middleware(BaseHTTPMiddleware, dispatch=identify_consumer),
     ]
+elif OFFICIAL1:
+
+    async def identify_consumer_1x(request: Request, call_next):
+        set_consumer_1x(request.headers.get("authorization"))
+        return await call_next(request)
+
+    middleware = [Middleware(BaseHTTPMiddleware, dispatch=identify_consumer_1x)]
 else:
     middleware = [Middleware(BaseHTTPMiddleware, dispatch=consumer_header)]
 
 app = Starlette(routes=routes, middleware=middleware)
+if OFFICIAL1:
+    import apitally.starlette
+
+    apitally.starlette.init(app)

@@ -1,0 +1,1 @@
+"""OpenTelemetry export (Apitally 1.x, or any OTLP/HTTP collector)."""

@@ -1,0 +1,160 @@
+"""OpenTelemetry export (Apitally 1.x, a write token): what a recording OTLP receiver gets
+from a real proxy process in front of a real upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import aiohttp
+
+from apitally_proxy.metering.histograms import bucket_index
+from tests.conftest import CLIENT_ID
+from tests.support.fake_otlp import TOKEN, get, otlp_env
+
+
+async def test_requests_arrive_as_exponential_histograms_per_method_route_status_consumer(
+    otlp, upstream, http, start_proxy
+):
+    proxy = await start_proxy(upstream.url, "--sync-interval", "0.3", env=otlp_env(otlp))
+    await get(http, proxy.url + "/status/200")  # heuristics learn /status/{id} from a 2xx
+    plan = {"/items/1?consumer=alice": 7, "/items/2": 5, "/status/404?consumer=bob": 3}
+    for path, n in plan.items():
+        for _ in range(n):
+            await get(http, proxy.url + path)
+    await get(http, proxy.url + "/never-seen")  # a 404 on no known route: not counted
+    assert await proxy.stop() == 0
+    assert otlp.request_counts() == {
+        ("GET", "/status/{id}", 200, None): 1,
+        ("GET", "/items/{id}", 200, "alice"): 7,
+        ("GET", "/items/{id}", 200, None): 5,
+        ("GET", "/status/{id}", 404, "bob"): 3,
+    }
+    sizes = otlp.buckets("http.server.response.body.size")
+    alice = sizes[("GET", "/items/{id}", 200, "alice")]
+    body = len(b'{"id": "1", "ok": true}')
+    assert alice["count"] == 7 and alice["sum"] == 7 * body
+    assert alice["buckets"] == {bucket_index(body): 7}
+    # GETs carry no body: no request-size observation, as in apitally 1.0.0.
+    assert otlp.buckets("http.server.request.body.size") == {}
+
+
+async def test_every_export_is_authenticated_gzip_protobuf_with_the_env(
+    otlp, upstream, http, start_proxy
+):
+    proxy = await start_proxy(upstream.url, "--sync-interval", "0.3", env=otlp_env(otlp))
+    await get(http, proxy.url + "/items/1")
+    assert await proxy.stop() == 0
+    assert otlp.calls
+    for call in otlp.calls:
+        assert call.headers["Authorization"] == f"Bearer {TOKEN}"
+        assert call.headers["Apitally-Env"] == "test"
+        assert call.headers["Content-Type"] == "application/x-protobuf"
+        assert call.headers["Content-Encoding"] == "gzip"
+    (resource,) = {tuple(sorted(r.items())) for r in otlp.resources()}
+    attrs = dict(resource)
+    assert attrs["deployment.environment.name"] == "test"
+    assert attrs["telemetry.distro.name"] == "apitally-proxy"
+    assert len(attrs["service.instance.id"]) == 36
+    assert TOKEN not in proxy.log()
+
+
+async def test_an_idle_proxy_exports_its_heartbeat_every_interval(otlp, upstream, start_proxy):
+    proxy = await start_proxy(upstream.url, "--sync-interval", "0.3", env=otlp_env(otlp))
+    await otlp.wait_for(lambda: len(otlp.gauges()) >= 5, timeout=10)
+    assert await proxy.stop() == 0
+    gauges = otlp.gauges()
+    assert all(
+        set(g) == {"process.uptime", "process.cpu.utilization", "process.memory.usage"}
+        for g in gauges
+    )
+    assert 0 <= gauges[-1]["process.cpu.utilization"] <= 1
+    assert gauges[-1]["process.memory.usage"] > 10_000_000
+    assert gauges[-1]["process.uptime"] > gauges[0]["process.uptime"]
+    assert otlp.request_counts() == {}
+
+
+async def test_startup_event_announces_the_paths(otlp, upstream, http, start_proxy, tmp_path):
+    cfg = tmp_path / "routes.toml"
+    cfg.write_text('routes = ["GET /items/{id}", "POST /echo"]\nframework = "starlette"\n')
+    proxy = await start_proxy(
+        upstream.url, "--sync-interval", "0.3", "--config", str(cfg), env=otlp_env(otlp)
+    )
+    await otlp.wait_for(lambda: otlp.events("apitally.app.startup"))
+    assert await proxy.stop() == 0
+    (startup,) = otlp.events("apitally.app.startup")
+    assert startup["framework"] == "starlette"
+    assert startup["paths"] == [
+        {"method": "GET", "path": "/items/{id}"},
+        {"method": "POST", "path": "/echo"},
+    ]
+    assert set(startup["versions"]) >= {"python", "apitally-proxy"}
+
+
+async def test_consumer_names_travel_as_update_events_once(otlp, upstream, http, start_proxy):
+    proxy = await start_proxy(upstream.url, "--sync-interval", "0.3", env=otlp_env(otlp))
+    for _ in range(3):
+        await get(http, proxy.url + "/items/1?consumer=c1&name=Alice&group=Admins")
+    await get(http, proxy.url + "/items/1?consumer=c2&name=Bob")
+    assert await proxy.stop() == 0
+    updates = otlp.events("apitally.consumer.update")
+    assert sorted(updates, key=lambda u: u["identifier"]) == [
+        {"identifier": "c1", "name": "Alice", "group": "Admins"},
+        {"identifier": "c2", "name": "Bob"},
+    ]
+
+
+async def test_a_malformed_token_never_stops_traffic(upstream, http, start_proxy):
+    proxy = await start_proxy(upstream.url, env={"APITALLY_WRITE_TOKEN": "apt_short-secret"})
+    assert await get(http, proxy.url + "/items/1") == 200
+    async with aiohttp.ClientSession() as s, s.get(proxy.admin_url + "/health") as r:
+        health = await r.json()
+    assert health["mode"] == "local"
+    assert (
+        "write token" in health["hub_problem"] and "APITALLY_WRITE_TOKEN" in health["hub_problem"]
+    )
+    assert "apt_short-secret" not in proxy.log() and "short-secret" not in health["hub_problem"]
+
+
+async def test_with_both_credentials_the_write_token_wins_and_the_client_id_is_named(
+    otlp, upstream, http, start_proxy
+):
+    proxy = await start_proxy(
+        upstream.url,
+        "--client-id",
+        CLIENT_ID,
+        "--sync-interval",
+        "0.3",
+        env=otlp_env(otlp),
+    )
+    await get(http, proxy.url + "/items/1")
+    assert await proxy.stop() == 0
+    assert otlp.request_counts() == {("GET", "/items/{id}", 200, None): 1}
+    assert f"client id {CLIENT_ID} are set: the write token wins" in proxy.log()
+
+
+async def test_any_collector_gets_the_same_export_with_its_own_headers(
+    otlp, upstream, http, start_proxy
+):
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.url,
+        "OTEL_EXPORTER_OTLP_HEADERS": "x-honeycomb-team=key%20one,x-tenant=acme",
+        "OTEL_SERVICE_NAME": "orders-api",
+    }
+    proxy = await start_proxy(upstream.url, "--sync-interval", "0.3", env=env)
+    await get(http, proxy.url + "/items/1")
+    assert await proxy.stop() == 0
+    assert otlp.request_counts() == {("GET", "/items/{id}", 200, None): 1}
+    call = otlp.calls[0]
+    assert call.headers["x-honeycomb-team"] == "key one" and call.headers["x-tenant"] == "acme"
+    assert "Authorization" not in call.headers
+    assert {r["service.name"] for r in otlp.resources()} == {"orders-api"}
+
+
+async def test_the_server_sets_the_export_interval(otlp, upstream, start_proxy):
+    otlp.interval_header = "5"
+    proxy = await start_proxy(upstream.url, "--sync-interval", "0.3", env=otlp_env(otlp))
+    await asyncio.sleep(3)
+    assert await proxy.stop(signal.SIGTERM) == 0
+    # Without the header a 0.3 s interval would have made ~10 gauge exports in 3 s.
+    assert len(otlp.gauges()) <= 3
