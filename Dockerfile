@@ -30,7 +30,8 @@ RUN mkdir -p /var/lib/apitally-proxy \
 VOLUME /var/lib/apitally-proxy
 
 # APITALLY_PROXY_UPSTREAM has no default: set it (e.g. http://app:8000) when running.
-# Without APITALLY_CLIENT_ID the proxy runs in local mode and sends nothing anywhere.
+# Without APITALLY_WRITE_TOKEN (1.x) or APITALLY_CLIENT_ID (0.x) the proxy runs in local
+# mode and sends nothing anywhere.
 ENV APITALLY_PROXY_STATE_DIR=/var/lib/apitally-proxy \
     APITALLY_PROXY_LISTEN=0.0.0.0:8080 \
     APITALLY_PROXY_ADMIN_LISTEN=0.0.0.0:9099

@@ -51,6 +51,7 @@ class Captures:
         exchange.log = True
         exchange.started_at = time.time()
         exchange.request_headers = headers
+        exchange.client_address = request.remote
         exchange.request_url = f"{request.scheme}://{request.host}{request.rel_url.raw_path_qs}"
         if rl.config.log_request_body and is_body_content_type(headers.get("Content-Type")):
             exchange.request_body = BodyCapture(MAX_BODY_SIZE, request.content_length)

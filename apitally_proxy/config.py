@@ -205,6 +205,8 @@ class RequestLogSettings(BaseModel):
     exclude_paths: list[str] = []
     exclude_user_agents: list[str] = []
     max_buffered_requests: int = Field(1000, ge=1)
+    # Share of requests logged (OTLP: spans exported); metrics always count every request.
+    sample_rate: float = Field(1.0, ge=0.0, le=1.0)
 
     @field_validator(
         "mask_query_params",

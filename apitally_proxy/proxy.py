@@ -87,6 +87,7 @@ class Exchange:
 
     __slots__ = (
         "apitally_headers",
+        "client_address",
         "consumer",
         "got_headers",
         "log",
@@ -124,6 +125,7 @@ class Exchange:
         self.log = False
         self.started_at = 0.0  # wall clock, for the request log
         self.request_url = ""
+        self.client_address: str | None = None
         self.request_headers: CIMultiDictProxy[str] | None = None
         self.request_body: BodyCapture | None = None
         self.response_headers: CIMultiDict[str] | None = None

@@ -44,6 +44,7 @@ from apitally_proxy.metering.identity import (
 )
 from apitally_proxy.openapi import RouteDiscovery, RouteSet
 from apitally_proxy.otlp.codec import OtlpCodec, resource_attributes, startup_body
+from apitally_proxy.otlp.spans import SpanBuilder, SpanExports
 from apitally_proxy.otlp.transport import OtlpTransport
 from apitally_proxy.proxy import Exchange, ReverseProxy
 from apitally_proxy.routes import MatchRules, RouteResolver, RouteTable, declared_routes
@@ -99,16 +100,17 @@ class Worker:
             else HubCodec(self.lease.uuid)
         )
         self.transport = self._make_transport()
-        self.request_log = self._make_request_log()
-        captures = Captures(
-            settings.framework, self.request_log, keep_request_headers=self.identity is not None
-        )
-        self.proxy = ReverseProxy(settings, self._record, captures)
         self.spool = Spool(
             self.lease.path.with_name(f"slot-{self.lease.slot}.spool"),
             max_bytes=settings.spool_max_bytes,
             max_age=settings.queue_max_age,
         )
+        self.request_log = self._make_request_log()
+        captures = Captures(
+            settings.framework, self.request_log, keep_request_headers=self.identity is not None
+        )
+        self.proxy = ReverseProxy(settings, self._record, captures)
+        log_hooks = [self.request_log.deliver] if self.request_log is not None else []
         self.sync = HubSync(
             self.transport,
             self.lease.uuid,
@@ -118,7 +120,10 @@ class Worker:
             codec=self.codec,
             interval=settings.sync_interval,
             default_interval=OTLP_INTERVAL if self.otlp else None,
-            after_sync=[self.request_log.deliver] if self.request_log is not None else None,
+            # OTLP: spans are spooled before each export cycle and go out with it; hub:
+            # request-log files are uploaded after each sync, as the official clients do.
+            before_sync=log_hooks if self.otlp else None,
+            after_sync=None if self.otlp else log_hooks,
         )
         self.ready = False
         self.started_at = time.time()
@@ -162,6 +167,16 @@ class Worker:
         name = f"worker-{self.lease.slot}"
         # The consumer header carries a credential: masked whatever its name.
         masks = [f"^{re.escape(s.consumer_header)}$"] if s.consumer_header else []
+        if isinstance(self.codec, OtlpCodec):
+            spans = SpanExports(
+                SpanBuilder(s.request_log, masks), self.codec.resource, self.spool.put
+            )
+            return RequestLog(
+                s.request_log,
+                self.lease.path.with_name(f"slot-{self.lease.slot}.request-log"),
+                mask_headers=masks,
+                spans=spans,
+            )
         if isinstance(self.transport, HubTransport):
             return RequestLog(
                 s.request_log,

@@ -13,14 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import re
 import shutil
 import sys
-import tempfile
 import timeit
 from pathlib import Path
 
-import psutil
 from multidict import CIMultiDict, CIMultiDictProxy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from apitally_proxy.metering import Meter
 from apitally_proxy.metering.identity import ConsumerIdentity
 from apitally_proxy.proxy import Exchange
-from tests.support.proxy_process import ProxyProcess
+from bench.proxy_cpu import proxy_cpu_per_request
 from tests.support.upstream import Upstream
 
 SALT = b"bench-salt-0123456789abcdef"
@@ -69,32 +66,16 @@ def micro() -> None:
 
 
 async def run_once(upstream_url: str, on: bool, seconds: int, conns: int) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        args = ["--sync-interval", "2", "--framework", "none"]
-        if on:
-            args += ["--consumer-header", "X-API-Key"]
-        proxy = await ProxyProcess(upstream_url, Path(tmp) / "state", *args).start()
-        try:
-            cmd = ["wrk", "-t1", "-H", f"X-API-Key: {KEY}", proxy.url + "/items/1"]
-            warm = await asyncio.create_subprocess_exec(
-                *cmd, "-c2", "-d1s", stdout=asyncio.subprocess.DEVNULL
-            )
-            await warm.wait()
-            p = psutil.Process(proxy.pid)
-            before = p.cpu_times()
-            wrk = await asyncio.create_subprocess_exec(
-                *cmd, f"-c{conns}", f"-d{seconds}s", stdout=asyncio.subprocess.PIPE
-            )
-            out = (await wrk.communicate())[0].decode()
-            after = p.cpu_times()
-        finally:
-            await proxy.stop()
-    requests = int(re.search(r"(\d+) requests in", out).group(1))
-    cpu = (after.user - before.user) + (after.system - before.system)
+    args = ["--sync-interval", "2", "--framework", "none"]
+    if on:
+        args += ["--consumer-header", "X-API-Key"]
+    result = await proxy_cpu_per_request(
+        upstream_url, args, headers={"X-API-Key": KEY}, seconds=seconds, connections=conns
+    )
     return {
         "consumer_header": on,
-        "rps": round(requests / seconds),
-        "cpu_us_per_request": round(cpu / requests * 1e6, 1),
+        "rps": result["rps"],
+        "cpu_us_per_request": result["cpu_us_per_request"],
     }
 
 

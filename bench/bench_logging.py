@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
-
-import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.support.proxy_process import ProxyProcess
+from bench.proxy_cpu import proxy_cpu_per_request
 from tests.support.upstream import Upstream
 
 CONFIG = """
@@ -33,44 +29,19 @@ log_response_body = true
 
 
 async def run_once(upstream_url: str, logging_on: bool, seconds: int, conns: int) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = Path(tmp) / "c.toml"
-        cfg.write_text(CONFIG)
-        args = ["--sync-interval", "2", "--framework", "none"]
-        if logging_on:
-            args += ["--request-logging", "--config", str(cfg)]
-        proxy = await ProxyProcess(upstream_url, Path(tmp) / "state", *args).start()
-        try:
-            url = proxy.url + "/items/1?token=abc"
-            warm = await asyncio.create_subprocess_exec(
-                "wrk", "-t1", "-c2", "-d1s", url, stdout=asyncio.subprocess.DEVNULL
-            )
-            await warm.wait()
-            p = psutil.Process(proxy.pid)
-            before = p.cpu_times()
-            wrk = await asyncio.create_subprocess_exec(
-                "wrk",
-                "-t1",
-                f"-c{conns}",
-                f"-d{seconds}s",
-                url,
-                stdout=asyncio.subprocess.PIPE,
-            )
-            out = (await wrk.communicate())[0].decode()
-            await asyncio.sleep(2.5)  # let the sync (and log write/upload) for the run happen
-            after = p.cpu_times()
-            rss = p.memory_info().rss
-        finally:
-            await proxy.stop()
-    requests = int(re.search(r"(\d+) requests in", out).group(1))
-    cpu = (after.user - before.user) + (after.system - before.system)
-    return {
-        "logging": logging_on,
-        "requests": requests,
-        "rps": round(requests / seconds),
-        "cpu_us_per_request": round(cpu / requests * 1e6, 1),
-        "rss_mb": round(rss / 1e6, 1),
-    }
+    args = ["--sync-interval", "2", "--framework", "none"]
+    if logging_on:
+        args.append("--request-logging")
+    result = await proxy_cpu_per_request(
+        upstream_url,
+        args,
+        path="/items/1?token=abc",
+        config=CONFIG if logging_on else None,
+        seconds=seconds,
+        connections=conns,
+        settle=2.5,  # let the sync (and log write/upload) for the run happen
+    )
+    return {"logging": logging_on, **result}
 
 
 async def main() -> None:

@@ -58,6 +58,18 @@ def test_demo_meters_every_request_it_sends(tmp_path: Path) -> None:
     assert str(state_dir / "local") in result.stdout
 
 
+def test_demo_with_otlp_meters_every_request_from_the_decoded_exports(tmp_path: Path) -> None:
+    result = run_demo("--otlp", "--requests", "60", "--state-dir", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "recording OTLP receiver" in result.stdout
+    match = RESULT.search(result.stdout)
+    assert match, result.stdout
+    sent, metered, unmatched = (int(g) for g in match.groups()[:3])
+    assert sent == 60 and metered == sent - unmatched and match.group(4) == "OK"
+    assert re.search(r"^\s+mueller\s+Müller & Söhne\s+Partner\s", result.stdout, re.M)
+    assert not (tmp_path / "local").exists()  # nothing went to local mode
+
+
 def test_demo_shows_consumer_names_the_app_percent_encoded(tmp_path: Path) -> None:
     result = run_demo("--requests", "60", "--state-dir", str(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr

@@ -158,3 +158,94 @@ async def test_the_server_sets_the_export_interval(otlp, upstream, start_proxy):
     assert await proxy.stop(signal.SIGTERM) == 0
     # Without the header a 0.3 s interval would have made ~10 gauge exports in 3 s.
     assert len(otlp.gauges()) <= 3
+
+
+async def test_request_logs_are_server_spans_redacted_as_apitally_1x(
+    otlp, upstream, http, start_proxy, tmp_path
+):
+    cfg = tmp_path / "log.toml"
+    cfg.write_text(
+        "[request_log]\nlog_request_headers = true\nlog_request_body = true\n"
+        "log_response_body = true\n"
+    )
+    proxy = await start_proxy(
+        upstream.url,
+        "--sync-interval",
+        "0.3",
+        "--request-logging",
+        "--config",
+        str(cfg),
+        env=otlp_env(otlp),
+    )
+    headers = {"Authorization": "Bearer s3cret", "X-Note": "kept", "User-Agent": "agent/1"}
+    body = b'{"name": "pen", "password": "hunter2", "nested": {"token": "t", "n": 1}}'
+    async with http.post(
+        proxy.url + "/echo?api_key=k1&q=ok",
+        data=body,
+        headers={**headers, "Content-Type": "application/json"},
+    ) as r:
+        assert r.status == 200
+        await r.read()
+    await get(http, proxy.url + "/status/503")
+    async with http.get(proxy.url + "/any/health") as r:  # excluded from the log, still counted
+        await r.read()
+    async with http.get(proxy.url + "/items/9", headers={"User-Agent": "kube-probe/1.30"}) as r:
+        await r.read()
+    assert await proxy.stop() == 0
+    spans = {s["name"]: s for s in otlp.spans()}
+    assert set(spans) == {"POST /echo", "GET /status/{id}"}
+    echo = spans["POST /echo"]
+    attrs = echo["attrs"]
+    assert echo["kind"] == "SPAN_KIND_SERVER"
+    assert attrs["http.request.method"] == "POST" and attrs["http.route"] == "/echo"
+    assert attrs["http.response.status_code"] == 200
+    assert attrs["url.path"] == "/echo" and attrs["url.query"] == "api_key=[REDACTED]&q=ok"
+    assert attrs["http.request.body.size"] == len(body) == attrs["http.response.body.size"]
+    assert attrs["http.request.header.authorization"] == ["[REDACTED]"]
+    assert attrs["http.request.header.x-note"] == ["kept"]
+    assert attrs["user_agent.original"] == "agent/1"
+    assert attrs["client.address"] == "127.0.0.1"
+    redacted = '{"name":"pen","password":"[REDACTED]","nested":{"token":"[REDACTED]","n":1}}'
+    assert attrs["apitally.request.body"] == redacted
+    # The echo answers application/octet-stream: not a content type whose body is kept.
+    assert "apitally.response.body" not in attrs
+    failed = spans["GET /status/{id}"]
+    assert failed["status"]["code"] == "STATUS_CODE_ERROR"
+    assert failed["attrs"]["error.type"] == "503"
+    counts = otlp.request_counts()
+    assert counts[("GET", "/any/health", 200, None)] == 1  # metered though not logged
+    assert counts[("GET", "/items/{id}", 200, None)] == 1
+
+
+async def test_sample_rate_thins_spans_never_metrics(otlp, upstream, http, start_proxy, tmp_path):
+    cfg = tmp_path / "log.toml"
+    cfg.write_text("[request_log]\nsample_rate = 0.0\n")
+    proxy = await start_proxy(
+        upstream.url,
+        "--sync-interval",
+        "0.3",
+        "--request-logging",
+        "--config",
+        str(cfg),
+        env=otlp_env(otlp),
+    )
+    for i in range(20):
+        await get(http, f"{proxy.url}/items/{i}")
+    assert await proxy.stop() == 0
+    assert otlp.spans() == []
+    assert otlp.request_counts() == {("GET", "/items/{id}", 200, None): 20}
+
+
+async def test_402_on_traces_drops_that_export_and_metrics_still_flow(
+    otlp, upstream, http, start_proxy
+):
+    otlp.script["traces"] = [402]
+    proxy = await start_proxy(
+        upstream.url, "--sync-interval", "0.3", "--request-logging", env=otlp_env(otlp)
+    )
+    await get(http, proxy.url + "/items/1")
+    await otlp.wait_for(lambda: any(c.signal == "traces" for c in otlp.calls))
+    await get(http, proxy.url + "/items/2")
+    assert await proxy.stop() == 0
+    assert len(otlp.spans()) == 1  # the first export was refused for quota and dropped
+    assert otlp.request_counts() == {("GET", "/items/{id}", 200, None): 2}

@@ -42,7 +42,10 @@ def sides(request, tmp_path_factory) -> Iterator[tuple[str, OtlpSide, OtlpSide]]
     if not PYTHON_1X.exists():
         pytest.fail(f"{PYTHON_1X} is missing: scripts/test creates it (apitally 1.0.0)")
     spec = FRAMEWORKS[request.param]
-    proxy, official = run_otlp_parity(spec, tmp_path_factory.mktemp(f"otlp-{request.param}"))
+    # apitally 1.x exports a span (request log) for every request; the proxy when asked.
+    proxy, official = run_otlp_parity(
+        spec, tmp_path_factory.mktemp(f"otlp-{request.param}"), proxy_args=("--request-logging",)
+    )
     yield request.param, proxy, official
 
 
@@ -114,6 +117,30 @@ def test_validation_error_events_where_apitally_1x_emits_them(sides):
         return
     assert theirs
     assert validation_errors(proxy.receiver) == theirs
+
+
+def span_counts(side: OtlpSide) -> dict[RequestKey, int]:
+    """Request-log spans per (method, route, status, consumer); unmatched requests (no
+    route, or Litestar's empty one) under route None."""
+    out: dict[RequestKey, int] = {}
+    for span in side.receiver.spans():
+        assert span["kind"] == "SPAN_KIND_SERVER"
+        a = span["attrs"]
+        key = (
+            a["http.request.method"],
+            a.get("http.route") or None,
+            a["http.response.status_code"],
+            a.get("apitally.consumer.identifier"),
+        )
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def test_request_log_spans_per_method_route_status_consumer(sides):
+    _, proxy, official = sides
+    mine = comparable(span_counts(proxy))
+    assert mine == comparable(span_counts(official))
+    assert sum(mine.values()) == len(proxy.statuses) - 1  # every request but the OPTIONS
 
 
 def test_every_export_is_under_4_mib_and_gzip(sides):

@@ -21,7 +21,7 @@ from apitally_proxy.proxy import BodyCapture
 
 def item(body: bytes | None = None, ctype: str = "application/json", url: str = "http://h/x"):
     headers = CIMultiDictProxy(CIMultiDict({"Content-Type": ctype}))
-    return (1.5, "POST", "/x", url, headers, 3, None, body, 200, 0.01, headers, 3, None)
+    return (1.5, "POST", "/x", url, headers, 3, None, body, 200, 0.01, headers, 3, None, None)
 
 
 def request_of(line: bytes) -> dict:
@@ -95,6 +95,7 @@ def exchange(path: str = "/x") -> SimpleNamespace:
         response_headers=headers,
         response_size=2,
         response_body=None,
+        client_address="127.0.0.1",
     )
 
 

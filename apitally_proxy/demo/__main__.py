@@ -5,7 +5,11 @@ the proxy, stops the proxy with SIGTERM (drain, final flush), then reads the
 JSON lines the proxy wrote and prints what was metered. Exits non-zero when the
 proxy metered a different number of requests than were sent.
 
-    python -m apitally_proxy.demo [--requests N] [--state-dir DIR] [--keep]
+With `--otlp` the proxy gets a (made-up) Apitally 1.x write token and exports
+OpenTelemetry to a recording OTLP receiver the demo runs on loopback instead;
+the summary is read from the decoded exports.
+
+    python -m apitally_proxy.demo [--requests N] [--state-dir DIR] [--keep] [--otlp]
 """
 
 from __future__ import annotations
@@ -29,12 +33,15 @@ from typing import Any
 import aiohttp
 import orjson
 
+from apitally_proxy.otlp.receiver import RecordingReceiver
+
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT = 15.0
 STOP_TIMEOUT = 30.0
 CONCURRENCY = 16
 SEED = 7
 REVOKED_KEY = "demo-key-revoked"  # not in the app's key table: 401, no consumer
+DEMO_WRITE_TOKEN = "apt_" + "demo" * 6  # the form of a write token; goes to loopback only
 
 Row = Sequence[object]
 
@@ -52,16 +59,20 @@ def free_port() -> int:
 class Child:
     """A child process the demo owns: output goes to a log file, and it is always stopped."""
 
-    def __init__(self, name: str, args: list[str], log_path: Path) -> None:
+    def __init__(
+        self, name: str, args: list[str], log_path: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
         self.args = args
         self.log_path = log_path
+        self.extra_env = env or {}
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
         # The demo's traffic must never reach a real Apitally account, whatever the shell has.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("APITALLY_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("APITALLY_", "OTEL_"))}
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.extra_env)
         with open(self.log_path, "ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -245,10 +256,14 @@ class Endpoint:
     bytes_in: int = 0
     bytes_out: int = 0
     time_bins: Counter[int] = field(default_factory=Counter)  # 10 ms bins (lower bound, ms)
+    time_sum_ms: float = 0.0  # OTLP: the duration histograms' sums
 
     @property
     def approx_mean_ms(self) -> float:
-        """Mean from the bin midpoints: the hub only ever sees the bins."""
+        """Mean from the bin midpoints (the hub only ever sees the bins), or from the
+        OTLP histograms' exact sums."""
+        if self.time_sum_ms:
+            return self.time_sum_ms / self.count if self.count else 0.0
         n = sum(self.time_bins.values())
         return sum((b + 5) * k for b, k in self.time_bins.items()) / n if n else 0.0
 
@@ -304,6 +319,34 @@ def read_local_output(directory: Path, since: float) -> Metered:
                     consumer.get("name"),
                     consumer.get("group"),
                 )
+    return metered
+
+
+def read_otlp_output(receiver: RecordingReceiver) -> Metered:
+    """Sum up what the recording OTLP receiver decoded."""
+    metered = Metered()
+    metered.startup_payloads = len(receiver.events("apitally.app.startup"))
+    metered.sync_payloads = len(receiver.accepted("metrics"))
+    sizes = {
+        name: receiver.buckets(name)
+        for name in ("http.server.request.body.size", "http.server.response.body.size")
+    }
+    for key, d in receiver.buckets("http.server.request.duration").items():
+        method, route, status, consumer = key
+        endpoint = metered.endpoints.setdefault((method, route, status), Endpoint())
+        endpoint.count += d["count"]
+        endpoint.time_sum_ms += d["sum"] * 1000
+        endpoint.bytes_in += int(sizes["http.server.request.body.size"].get(key, {}).get("sum", 0))
+        endpoint.bytes_out += int(
+            sizes["http.server.response.body.size"].get(key, {}).get("sum", 0)
+        )
+        metered.consumers[consumer] += d["count"]
+    for e in receiver.events("apitally.request.validation_error"):
+        loc = ".".join(part for part in (e["source"], e["field"]) if part)
+        for c in e["counts"]:
+            metered.validation_errors[(e["method"], e["path"], loc, e["message"])] += c["count"]
+    for u in receiver.events("apitally.consumer.update"):
+        metered.consumer_info[u["identifier"]] = (u.get("name"), u.get("group"))
     return metered
 
 
@@ -374,13 +417,22 @@ def consumer_table(metered: Metered, sent: Sent) -> str:
     return table(("CONSUMER", "NAME", "GROUP", "METERED", "SENT"), rows, {3, 4})
 
 
-def report(sent: Sent, metered: Metered, status: dict[str, Any], proxy_exit: int | None) -> bool:
+def report(
+    sent: Sent,
+    metered: Metered,
+    status: dict[str, Any],
+    proxy_exit: int | None,
+    otlp: bool = False,
+) -> bool:
     """Print the summary; True when every check passed."""
     unmatched = int(status.get("unmatched", 0))
     print()
     print("Metered per endpoint (method, path template, status)")
     print(endpoint_table(metered))
-    print("  ~MS: mean response time from the hub's 10 ms bins (midpoints: under 10 ms shows as 5)")
+    if otlp:
+        print("  ~MS: mean response time from the exported duration histograms' sums")
+    else:
+        print("  ~MS: mean response time from the hub's 10 ms bins (under 10 ms shows as 5)")
     print()
     print("Metered per consumer (from the app's X-Apitally-Consumer* response headers)")
     print(consumer_table(metered, sent))
@@ -403,9 +455,16 @@ def report(sent: Sent, metered: Metered, status: dict[str, Any], proxy_exit: int
     if unmatched:
         print(f"  matched no route     {unmatched}  (not metered by design)")
     print(f"  bytes in / out       {human_bytes(bytes_in)} / {human_bytes(bytes_out)}")
-    print(
-        f"  payloads written     {metered.startup_payloads} startup, {metered.sync_payloads} sync"
-    )
+    if otlp:
+        print(
+            f"  exports received     {metered.startup_payloads} startup event(s), "
+            f"{metered.sync_payloads} metrics exports (the heartbeat included)"
+        )
+    else:
+        print(
+            f"  payloads written     {metered.startup_payloads} startup, "
+            f"{metered.sync_payloads} sync"
+        )
     print()
 
     consumers_ok = all(
@@ -442,8 +501,17 @@ def print_log_tails(*children: Child) -> None:
 # ---- the run -----------------------------------------------------------------------------
 
 
-async def run(n: int, state_dir: Path, keep_note: str) -> int:
+async def run(n: int, state_dir: Path, keep_note: str, otlp: bool = False) -> int:
     started = time.time()
+    receiver: RecordingReceiver | None = None
+    proxy_env: dict[str, str] = {}
+    if otlp:
+        receiver = await RecordingReceiver().start()
+        proxy_env = {
+            "APITALLY_WRITE_TOKEN": DEMO_WRITE_TOKEN,
+            "APITALLY_OTLP_ENDPOINT": receiver.url,
+            "APITALLY_ENV": "demo",
+        }
     app_port, proxy_port, admin_port = free_port(), free_port(), free_port()
     app_url, proxy_url = f"http://{HOST}:{app_port}", f"http://{HOST}:{proxy_port}"
     admin_url = f"http://{HOST}:{admin_port}"
@@ -463,8 +531,15 @@ async def run(n: int, state_dir: Path, keep_note: str) -> int:
             "--sync-interval", "1",
         ],
         state_dir / "proxy.log",
+        env=proxy_env,
     )  # fmt: skip
-    print("apitally-proxy demo (local mode: nothing leaves this machine)")
+    if receiver is not None:
+        print(
+            "apitally-proxy demo (OpenTelemetry export to a recording OTLP receiver on "
+            f"{receiver.url}: nothing leaves this machine)"
+        )
+    else:
+        print("apitally-proxy demo (local mode: nothing leaves this machine)")
     print(f"  sample app   {app_url}   log: {app.log_path}")
     print(f"  proxy        {proxy_url} -> sample app, admin {admin_url}   log: {proxy.log_path}")
     print(f"  state dir    {state_dir}{keep_note}")
@@ -488,10 +563,14 @@ async def run(n: int, state_dir: Path, keep_note: str) -> int:
         print(f"  exited {proxy_exit} in {time.monotonic() - stop_started:.1f} s")
         await app.stop()
 
-        metered = read_local_output(state_dir / "local", since=started)
-        passed = report(sent, metered, status, proxy_exit)
-        for path in metered.files or [state_dir / "local"]:
-            print(f"Local-mode JSON lines: {path}{keep_note}")
+        if receiver is not None:
+            metered = read_otlp_output(receiver)
+            passed = report(sent, metered, status, proxy_exit, otlp=True)
+        else:
+            metered = read_local_output(state_dir / "local", since=started)
+            passed = report(sent, metered, status, proxy_exit)
+            for path in metered.files or [state_dir / "local"]:
+                print(f"Local-mode JSON lines: {path}{keep_note}")
         if not passed:
             print_log_tails(proxy)
         return 0 if passed else 1
@@ -503,6 +582,8 @@ async def run(n: int, state_dir: Path, keep_note: str) -> int:
         # Whatever happened above, no child outlives the demo.
         await proxy.stop(timeout=5.0)
         await app.stop(timeout=5.0)
+        if receiver is not None:
+            await receiver.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -518,6 +599,11 @@ def main(argv: list[str] | None = None) -> int:
         "--state-dir", type=Path, metavar="DIR", help="proxy state dir (default: a temporary one)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary state dir")
+    parser.add_argument(
+        "--otlp",
+        action="store_true",
+        help="export OpenTelemetry (Apitally 1.x) to a recording receiver on loopback",
+    )
     args = parser.parse_args(argv)
     if args.requests < 1:
         parser.error("--requests must be at least 1")
@@ -533,7 +619,9 @@ def main(argv: list[str] | None = None) -> int:
     keep_note = "  (deleted at exit; --keep keeps it)" if temporary and not args.keep else ""
 
     try:
-        return asyncio.run(_cancel_on_signals(run(args.requests, state_dir, keep_note)))
+        return asyncio.run(
+            _cancel_on_signals(run(args.requests, state_dir, keep_note, otlp=args.otlp))
+        )
     finally:
         if temporary and not args.keep:
             shutil.rmtree(state_dir, ignore_errors=True)

@@ -18,6 +18,7 @@ import errno
 import gzip
 import logging
 import os
+import random
 import re
 import time
 import uuid
@@ -95,9 +96,12 @@ _FORWARDED_PROTO = frozenset(
 _JSON_WORD = re.compile(r"\bjson\b")
 
 # (started_at, method, template, url, request headers, request size, consumer, request body,
-#  status, response time, response headers, response size, response body)
+#  status, response time, response headers, response size, response body, client address)
 Item = tuple[Any, ...]
 SendLog = Callable[[str, bytes], Awaitable[tuple[Outcome, float | None]]]
+# OTLP mode: the writer thread hands items to this instead of writing files (returns how
+# many it logged).
+SpanSink = Callable[[Iterable[Item]], int]
 
 
 def is_body_content_type(content_type: str | None) -> bool:
@@ -105,7 +109,7 @@ def is_body_content_type(content_type: str | None) -> bool:
     return content_type is not None and content_type.lower().startswith(BODY_CONTENT_TYPES)
 
 
-class _Matcher:
+class Matcher:
     """A case-insensitive search over several patterns, remembering recent answers."""
 
     def __init__(self, patterns: Iterable[str], cache_size: int = 1000) -> None:
@@ -135,9 +139,9 @@ class Masker:
 
     def __init__(self, config: RequestLogSettings, mask_headers: Iterable[str] = ()) -> None:
         self.config = config
-        self.mask_query = _Matcher([*config.mask_query_params, *MASK_QUERY_PARAMS])
-        self.mask_header = _Matcher([*config.mask_headers, *mask_headers, *MASK_HEADERS])
-        self.mask_field = _Matcher([*config.mask_body_fields, *MASK_BODY_FIELDS])
+        self.mask_query = Matcher([*config.mask_query_params, *MASK_QUERY_PARAMS])
+        self.mask_header = Matcher([*config.mask_headers, *mask_headers, *MASK_HEADERS])
+        self.mask_field = Matcher([*config.mask_body_fields, *MASK_BODY_FIELDS])
 
     def line(self, item: Item) -> bytes:
         (
@@ -154,6 +158,7 @@ class Masker:
             resp_headers,
             resp_size,
             resp_body,
+            _client,
         ) = item
         cfg = self.config
         req_pairs = list(req_headers.items()) if req_headers is not None else []
@@ -301,13 +306,16 @@ class RequestLog:
         send: SendLog | None = None,
         max_buffered: int | None = None,
         mask_headers: Iterable[str] = (),
+        spans: SpanSink | None = None,
     ) -> None:
         self.config = config
         self.directory = directory
         self._send = send
+        self._spans = spans
+        self._sample_rate = config.sample_rate
         self._masker = Masker(config, mask_headers)
-        self._exclude_path = _Matcher([*config.exclude_paths, *EXCLUDE_PATHS])
-        self._exclude_agent = _Matcher([*config.exclude_user_agents, *EXCLUDE_USER_AGENTS])
+        self._exclude_path = Matcher([*config.exclude_paths, *EXCLUDE_PATHS])
+        self._exclude_agent = Matcher([*config.exclude_user_agents, *EXCLUDE_USER_AGENTS])
         self._buffer: deque[Item] = deque()
         self._max_buffered = max_buffered or config.max_buffered_requests
         self._buffered_bytes = 0
@@ -345,6 +353,8 @@ class RequestLog:
         """Whether this request is to be logged at all (decided before it is forwarded)."""
         if method == "OPTIONS" or not self.accepting:
             return False
+        if self._sample_rate < 1.0 and random.random() >= self._sample_rate:
+            return False  # sampled out of the log; metering counts it all the same
         if self._exclude_path(path.partition("?")[0]):
             return False
         return not (user_agent is not None and self._exclude_agent(user_agent))
@@ -380,6 +390,7 @@ class RequestLog:
                 ex.response_headers,
                 ex.response_size,
                 resp_body,
+                ex.client_address,
             )
         )
 
@@ -418,6 +429,8 @@ class RequestLog:
 
     async def _deliver(self) -> None:
         await self.flush()
+        if self._spans is not None:
+            return  # spans went to the spool: the export loop delivers them
         await self._io(self._rotate)
         if self._send is None:
             return
@@ -497,6 +510,12 @@ class RequestLog:
         self._prune()
 
     def _write(self, items: Iterable[Item]) -> None:
+        if self._spans is not None:
+            try:
+                self.logged += self._spans(items)
+            except OSError as exc:  # the spool's disk
+                self._disk_trouble(exc)
+            return
         try:
             if self._file is None:
                 self.directory.mkdir(parents=True, exist_ok=True)

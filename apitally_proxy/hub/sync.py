@@ -73,6 +73,7 @@ class HubSync:
         interval: float | None = None,
         default_interval: float | None = None,
         checkpoint_interval: float = CHECKPOINT_INTERVAL,
+        before_sync: list[Callable[[], Awaitable[None]]] | None = None,
         after_sync: list[Callable[[], Awaitable[None]]] | None = None,
     ) -> None:
         self.transport = transport
@@ -85,7 +86,9 @@ class HubSync:
         self._default_interval = default_interval
         self._interval_start_ns = time.time_ns()
         self._checkpoint_interval = checkpoint_interval
-        # Extra deliveries that ride on each sync (e.g. request-log uploads).
+        # Extra work that rides on each sync: spooling spans before it (OTLP), uploading
+        # request-log files after it (hub).
+        self._before_sync = before_sync or []
         self._after_sync = after_sync or []
         self._started = time.monotonic()
         self._next_message_uuid = str(uuid.uuid4())
@@ -276,17 +279,22 @@ class HubSync:
         return []
 
     async def sync_once(self) -> None:
-        """Close the interval, deliver everything waiting, run the after-sync hooks."""
+        """Run the before-sync hooks, close the interval, deliver everything waiting, run
+        the after-sync hooks."""
+        await self._run_hooks(self._before_sync)
         await self.close_interval()
         await self.deliver()
         self.last_sync = time.time()
-        for hook in self._after_sync:
+        await self._run_hooks(self._after_sync)
+
+    async def _run_hooks(self, hooks: list[Callable[[], Awaitable[None]]]) -> None:
+        for hook in hooks:
             if self.stopped:
                 break
             try:
                 await hook()
             except Exception:
-                log.exception("after-sync delivery failed; will retry at the next sync")
+                log.exception("a delivery riding on the sync failed; will retry at the next sync")
 
     async def deliver(self) -> None:
         """Send startup data (until accepted), then spooled payloads, oldest first."""

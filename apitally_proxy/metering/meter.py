@@ -33,6 +33,7 @@ class Observed(Protocol):
     request_size: int | None
     response_size: int
     apitally_headers: dict[str, str] | None
+    log: bool  # the request is to be logged (its consumer is wanted even when not counted)
     # Set only when something reads them (consumer_header, the request log).
     request_headers: Any
     # A bounded copy of the response body (error responses only) and its headers.
@@ -85,6 +86,10 @@ class Meter:
         )
         if template is None:
             self.unmatched += 1
+            if headers is not None and ex.log:
+                # Not counted, but its request log names the consumer the app gave.
+                unmatched = parse_consumer(headers.get(HEADER_CONSUMER))
+                ex.consumer = unmatched.identifier if unmatched is not None else None
             return
         consumer = None
         if headers is not None:
