@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import html
 import time
 from collections.abc import Callable, Iterator
@@ -89,6 +90,24 @@ class _ProxyCollector(Collector):
         )
 
 
+def render_status_page(s: dict[str, Any]) -> str:
+    """The HTML status page for one status snapshot (every value escaped)."""
+    rows = "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+        for k, v in s.items()
+        if k != "recent_payloads"
+    )
+    recent = "".join(
+        f"<pre>{html.escape(orjson.dumps(p).decode(errors='replace'))}</pre>"
+        for p in reversed(s.get("recent_payloads", []))
+    )
+    return (
+        "<!doctype html><title>apitally-proxy status</title>"
+        f"<h1>apitally-proxy</h1><p>{time.strftime('%Y-%m-%d %H:%M:%S')}</p>"
+        f"<table>{rows}</table><h2>Recent payloads</h2>{recent or '<p>none yet</p>'}"
+    )
+
+
 def build_admin_app(status: StatusFn, ready: Callable[[], bool]) -> web.Application:
     """The admin application; `status` returns the live state as a dict."""
     registry = CollectorRegistry(auto_describe=True)
@@ -117,28 +136,16 @@ def build_admin_app(status: StatusFn, ready: Callable[[], bool]) -> web.Applicat
             body=generate_latest(registry), headers={"Content-Type": "text/plain; version=0.0.4"}
         )
 
+    # The status is read on the event loop (a snapshot of plain values); serializing
+    # and rendering it runs in a thread, so a big page never stalls proxying.
     async def status_json(request: web.Request) -> web.Response:
-        return web.Response(
-            body=orjson.dumps(status(), option=orjson.OPT_NON_STR_KEYS | orjson.OPT_INDENT_2),
-            content_type="application/json",
+        body = await asyncio.to_thread(
+            orjson.dumps, status(), option=orjson.OPT_NON_STR_KEYS | orjson.OPT_INDENT_2
         )
+        return web.Response(body=body, content_type="application/json")
 
     async def status_page(request: web.Request) -> web.Response:
-        s = status()
-        rows = "".join(
-            f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
-            for k, v in s.items()
-            if k != "recent_payloads"
-        )
-        recent = "".join(
-            f"<pre>{html.escape(orjson.dumps(p, option=orjson.OPT_INDENT_2).decode())}</pre>"
-            for p in reversed(s.get("recent_payloads", []))
-        )
-        page = (
-            "<!doctype html><title>apitally-proxy status</title>"
-            f"<h1>apitally-proxy</h1><p>{time.strftime('%Y-%m-%d %H:%M:%S')}</p>"
-            f"<table>{rows}</table><h2>Recent payloads</h2>{recent or '<p>none yet</p>'}"
-        )
+        page = await asyncio.to_thread(render_status_page, status())
         return web.Response(text=page, content_type="text/html")
 
     app = web.Application()

@@ -64,3 +64,28 @@ async def test_one_million_hostile_requests_keep_memory_flat(
     upstream, start_proxy, hub, hub_args, tmp_path
 ):
     await run_flood(upstream, start_proxy, hub, hub_args, tmp_path, 1_000_000)
+
+
+async def test_local_mode_keeps_what_the_status_page_shows_bounded(upstream, start_proxy):
+    """Local mode keeps the latest payloads for /status: bounded in bytes, not in count
+    alone (a hostile interval's payload is megabytes), and rendering them never stalls
+    proxying."""
+    proxy = await start_proxy(upstream.url, "--sync-interval", "0.5")
+    await flood(proxy, 2_000)
+    baseline = proxy.rss()
+    for _ in range(4):  # several intervals, each a payload of thousands of distinct rows
+        await flood(proxy, 5_000)
+        await asyncio.sleep(0.6)
+    growth = proxy.rss() - baseline
+    print(f"local mode: RSS +{growth / 1e6:.1f} MB over 20,000 hostile requests")
+    async with aiohttp.ClientSession() as s:
+        async with s.get(proxy.admin_url + "/status.json") as r:
+            assert r.status == 200
+            status = await r.read()
+        async with s.get(proxy.admin_url + "/status") as r:
+            assert r.status == 200
+            page = await r.read()
+    assert len(status) < 1_000_000 and len(page) < 1_000_000
+    assert b'"truncated": true' in status or b'"truncated":true' in status
+    assert await proxy.stop() == 0
+    assert growth < 12 * 1024 * 1024, f"RSS grew {growth / 1e6:.1f} MB in local mode"

@@ -7,10 +7,12 @@ import enum
 import logging
 import os
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
+import orjson
 
 from apitally_proxy.text import dumps_lenient
 
@@ -147,6 +149,12 @@ class HubTransport:
             self._session = None
 
 
+# What the status page keeps of the latest local-mode payloads: a count and a byte
+# bound, so a hostile interval's multi-megabyte payload is summarised, never held.
+RECENT_PAYLOADS = 20
+RECENT_PAYLOAD_BYTES = 32 * 1024
+
+
 class LocalTransport:
     """Local mode: every payload becomes one JSON line under the state dir; nothing is sent."""
 
@@ -156,7 +164,14 @@ class LocalTransport:
         self._max_bytes = max_bytes
         self.last_error: str | None = None
         self.last_success: float | None = None
-        self.recent: list[dict[str, Any]] = []  # for the admin status page
+        # For the admin status page: each entry already serialized, at most
+        # RECENT_PAYLOAD_BYTES (larger payloads are kept as a summary).
+        self._recent: deque[bytes] = deque(maxlen=RECENT_PAYLOADS)
+
+    @property
+    def recent(self) -> list[orjson.Fragment]:
+        """The latest payloads, oldest first, as pre-serialized JSON."""
+        return [orjson.Fragment(b) for b in self._recent]
 
     async def send(self, kind: str, payload: dict[str, Any]) -> Outcome:
         record = {"kind": kind, "written_at": time.time(), "payload": payload}
@@ -172,7 +187,13 @@ class LocalTransport:
             return Outcome.RETRY
         self.last_error = None
         self.last_success = time.time()
-        self.recent = [*self.recent[-19:], {"kind": kind, "payload": payload}]
+        shown = dumps_lenient({"kind": kind, "payload": payload})[0]
+        if len(shown) > RECENT_PAYLOAD_BYTES:
+            rows = {k: len(v) for k, v in payload.items() if isinstance(v, list)}
+            shown = orjson.dumps(
+                {"kind": kind, "truncated": True, "bytes": len(shown), "rows": rows}
+            )
+        self._recent.append(shown)
         return Outcome.ACCEPTED
 
     async def close(self) -> None:
