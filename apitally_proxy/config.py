@@ -376,7 +376,7 @@ class Settings(BaseSettings):
         15.0,
         env="APITALLY_PROXY_SHUTDOWN_GRACE",
         ge=0,
-        description="seconds in-flight requests get to finish after SIGTERM",
+        description="seconds from SIGTERM to exit: drain in-flight requests, then deliver",
     )
     trusted_proxies: list[str] = _setting(
         [],

@@ -55,6 +55,7 @@ CLIENT_ADDRESS_CLAIMS = frozenset({"forwarded", "x-real-ip", "x-client-ip", "tru
 APITALLY_PREFIX = "x-apitally-"
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 STATUS_CLIENT_CLOSED = 499
+STATUS_CUT_BY_SHUTDOWN = 503  # still running when the drain's deadline came
 
 
 class BodyCapture:
@@ -194,6 +195,18 @@ class ReverseProxy:
         self.in_flight = 0
         self.upstream_errors: dict[str, int] = {}
         self.refused = 0
+        # Handler tasks in flight, so a drain can cut them at its deadline.
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._cutting = False
+        self.cut_by_shutdown = 0
+
+    def cut_in_flight(self) -> int:
+        """Cancel every request still running (the drain's deadline); returns how many."""
+        self._cutting = True
+        tasks = [t for t in self._tasks if not t.done()]
+        for task in tasks:
+            task.cancel()
+        return len(tasks)
 
     @property
     def retries(self) -> int:
@@ -273,16 +286,25 @@ class ReverseProxy:
         if self._capture is not None:
             self._capture.on_request(request, exchange)
         self.in_flight += 1
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
         try:
             return await self._forward(request, exchange, started)
         except asyncio.CancelledError:
-            # aiohttp cancels the handler when the client goes away: a 499, unless it
-            # was a WebSocket session (101), which a client leaving simply ends.
-            if exchange.status != 101:
+            if self._cutting:
+                # The drain's deadline: the proxy cut it, not the client.
+                self.cut_by_shutdown += 1
+                if not exchange.got_headers:
+                    exchange.status = STATUS_CUT_BY_SHUTDOWN
+            elif exchange.status != 101:
+                # aiohttp cancels the handler when the client goes away: a 499, unless it
+                # was a WebSocket session (101), which a client leaving simply ends.
                 exchange.status = STATUS_CLIENT_CLOSED
             raise
         finally:
             self.in_flight -= 1
+            self._tasks.discard(task)  # type: ignore[arg-type]
             if not exchange.got_headers:  # failed before the upstream answered
                 exchange.response_time = time.perf_counter() - started
             if exchange.refused:

@@ -52,6 +52,8 @@ from apitally_proxy.routes import MatchRules, RouteResolver, RouteTable, declare
 log = logging.getLogger("apitally_proxy")
 
 SECOND_SIGNAL_AFTER = 1.0  # seconds after the first before another signal means "hurry"
+MAX_FINAL_DELIVERY = 10.0  # seconds of shutdown_grace kept for the final delivery, at most
+EXIT_MARGIN = 0.5  # seconds before the end of shutdown_grace the process is out
 GC_THRESHOLD = 20_000  # allocations between young-generation collections (default 700)
 
 
@@ -294,7 +296,11 @@ class Worker:
             max_headers=s.max_headers,
         )
         self._runner = web.ServerRunner(
-            server, handle_signals=False, shutdown_timeout=s.shutdown_grace
+            # drain_and_stop cuts what outlives its deadline; aiohttp's own timeout (which
+            # waits twice over) only backs that up.
+            server,
+            handle_signals=False,
+            shutdown_timeout=s.shutdown_grace,
         )
         await self._runner.setup()
         addr = s.listen_address
@@ -362,13 +368,32 @@ class Worker:
         payload is still spooled, and its delivery is abandoned when hurried.
         """
         self.ready = False
+        loop = asyncio.get_running_loop()
+        # One deadline for the whole drain: in-flight requests get the grace period but
+        # its last part, which is kept for the final delivery; the exit comes before it.
+        grace = self.settings.shutdown_grace
+        deadline = loop.time() + grace - EXIT_MARGIN * min(1.0, grace)
+        delivery = min(MAX_FINAL_DELIVERY, grace / 3)
         if self._runner is not None:
-            # Closes the listener, then waits up to shutdown_grace for handlers.
+            # Closes the listener and the idle connections, then waits for handlers.
             cleanup = asyncio.ensure_future(self._runner.cleanup())
             waiters: set[asyncio.Future[Any]] = {cleanup}
             if hurry is not None:
                 waiters.add(asyncio.ensure_future(hurry.wait()))
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                waiters,
+                timeout=max(0.0, deadline - delivery - loop.time()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if not cleanup.done():
+                cut = self.proxy.cut_in_flight()
+                log.warning(
+                    "%d request(s) still running at the end of shutdown_grace (%.0f s): cut by "
+                    "shutdown, counted as 503",
+                    cut,
+                    grace,
+                )
+                await asyncio.wait({cleanup}, timeout=max(0.0, deadline - loop.time()) / 2)
             for fut in waiters:
                 if not fut.done():
                     fut.cancel()
@@ -377,8 +402,10 @@ class Worker:
         if self.request_log is not None:
             # Last upload attempt; what does not go out now is sent after the next start.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.request_log.deliver(), 5.0)
-        await self.sync.stop(hurry=hurry)
+                await asyncio.wait_for(
+                    self.request_log.deliver(), max(0.0, deadline - loop.time()) / 2
+                )
+        await self.sync.stop(final_sync_timeout=max(0.0, deadline - loop.time()), hurry=hurry)
         if self.request_log is not None:
             await self.request_log.close()
         if self._publisher is not None:

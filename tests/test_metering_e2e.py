@@ -428,3 +428,30 @@ async def test_declared_empty_bodies_have_size_zero_like_the_clients(
     assert await proxy.stop() == 0
     (row,) = [r for r in hub.request_rows() if r["path"] == "/sink"]
     assert row["request_sizes"] == {"0": 1}
+
+
+async def test_one_drain_deadline_the_proxy_exits_within_shutdown_grace(
+    hub, upstream, http, start_proxy, hub_args_long, tmp_path
+):
+    """shutdown_grace bounds the whole drain, final delivery included; requests still
+    running at its end are cut by the proxy and counted as such (503), not as 499."""
+    cfg = tmp_path / "p.toml"
+    cfg.write_text("shutdown_grace = 3\n")
+    proxy = await start_proxy(upstream.url, *hub_args_long, "--config", str(cfg))
+    await hub.wait_for(lambda: hub.accepted("startup"))
+    loop = asyncio.get_running_loop()
+    slow = asyncio.ensure_future(http.get(proxy.url + "/slow?delay=6"))
+    quick = asyncio.ensure_future(http.get(proxy.url + "/slow?delay=0.5"))
+    await asyncio.sleep(0.3)
+    started = loop.time()
+    assert await proxy.stop(signal.SIGTERM) == 0
+    took = loop.time() - started
+    assert took < 3.0, f"the drain took {took:.1f} s with shutdown_grace = 3"
+    assert (await quick).status == 200  # finished inside the grace period
+    with pytest.raises(aiohttp.ClientError):
+        await slow
+    counts = hub.request_counts()
+    assert counts[(None, "GET", "/slow", 200)] == 1
+    assert counts[(None, "GET", "/slow", 503)] == 1  # cut by the proxy, said so
+    assert (None, "GET", "/slow", 499) not in counts
+    assert "cut by shutdown" in proxy.log()
