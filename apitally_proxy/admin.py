@@ -62,6 +62,12 @@ class _ProxyCollector(Collector):
             "Requests whose consumer exceeded the cap",
             value=s["consumer_overflow"],
         )
+        yield CounterMetricFamily(
+            "apitally_proxy_consumer_unconfirmed",
+            "consumer_header requests counted without a consumer: the app refused the key "
+            "(401, 403) or never accepted it",
+            value=s["consumer_unconfirmed"],
+        )
         yield GaugeMetricFamily(
             "apitally_proxy_in_flight", "Requests being proxied now", value=s["in_flight"]
         )

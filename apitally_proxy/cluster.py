@@ -27,6 +27,7 @@ SUMMED = (
     "unmatched",
     "route_overflow",
     "consumer_overflow",
+    "consumer_unconfirmed",
     "in_flight",
     "upstream_retries",
     "refused",

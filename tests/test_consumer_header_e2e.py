@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import orjson
 import pytest
 
@@ -128,7 +129,7 @@ async def test_a_configured_salt_gives_the_same_identifier_on_every_replica(
     assert hub.request_counts() == {(expected, "GET", "/items/{id}", 200): 2}
 
 
-async def test_the_apps_consumer_header_wins_and_a_refused_key_names_no_consumer(
+async def test_the_apps_consumer_header_wins_and_refused_keys_name_no_consumer(
     hub, upstream, http, start_proxy, hub_args
 ):
     proxy = await start_proxy(upstream.url, *hub_args, "--consumer-header", "X-API-Key")
@@ -140,7 +141,7 @@ async def test_the_apps_consumer_header_wins_and_a_refused_key_names_no_consumer
     assert hub.request_counts() == {
         ("alice", "GET", "/items/{id}", 200): 1,
         (None, "GET", "/status/{id}", 401): 1,
-        (consumer_id(proxy.state_dir, SECRET), "GET", "/status/{id}", 403): 1,
+        (None, "GET", "/status/{id}", 403): 1,
     }
 
 
@@ -257,3 +258,37 @@ def test_bad_consumer_settings_exit_2_with_one_line_naming_them(
     assert needle in lines[0]
     assert "consumer" in lines[0]
     assert "TOPSECRET" not in proc.stderr
+
+
+async def test_refused_and_unconfirmed_keys_never_take_the_real_customers_consumer_slot(
+    hub, upstream, http, start_proxy, hub_args_long, tmp_path
+):
+    """A scanner's random keys on a path the app refuses (403), or answers 404 for, must not
+    fill `max_consumers`: only keys the app once accepted (a status below 400) count."""
+    config = tmp_path / "proxy.toml"
+    config.write_text("max_consumers = 20\n")
+    proxy = await start_proxy(
+        upstream.url, *hub_args_long, "--consumer-header", "X-API-Key", "--config", str(config)
+    )
+    assert await get(http, proxy.url + "/status/200", {"X-API-Key": SECRET}) == 200
+    for i in range(300):
+        assert await get(http, proxy.url + "/status/403", {"X-API-Key": f"random-{i}"}) == 403
+        assert await get(http, proxy.url + "/status/404", {"X-API-Key": f"guess-{i}"}) == 404
+    # The real customer's key, accepted before: its 404s are still its own.
+    assert await get(http, proxy.url + "/status/404", {"X-API-Key": SECRET}) == 404
+    assert await get(http, proxy.url + "/status/201", {"X-API-Key": SECRET}) == 201
+    status = await proxy.wait_status(lambda st: st["requests_total"] == 603)
+    async with aiohttp.ClientSession() as s, s.get(proxy.admin_url + "/metrics") as r:
+        metrics = await r.text()
+    assert await proxy.stop() == 0
+    me = consumer_id(proxy.state_dir, SECRET)
+    assert hub.request_counts() == {
+        (me, "GET", "/status/{id}", 200): 1,
+        (me, "GET", "/status/{id}", 404): 1,
+        (me, "GET", "/status/{id}", 201): 1,
+        (None, "GET", "/status/{id}", 403): 300,
+        (None, "GET", "/status/{id}", 404): 300,
+    }
+    assert status["consumer_overflow"] == 0
+    assert status["consumer_unconfirmed"] == 600
+    assert "apitally_proxy_consumer_unconfirmed_total 600.0" in metrics

@@ -35,6 +35,9 @@ ID_LENGTH = 16  # hex characters of the HMAC kept as the identifier (64 bits)
 MIN_SALT_LENGTH = 16
 SALT_FILE = "consumer-salt"
 CACHE_SIZE = 4096
+# Identifiers the app has accepted (answered below 400) at least once; bounded, oldest out.
+MAX_CONFIRMED = 20_000
+REFUSED = frozenset({401, 403})  # the app refused the credential: nobody's requests
 MAX_CACHED_VALUE = 512  # characters; longer values are hashed on every request
 HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,128}$")
 _BARE_SCHEMES = frozenset({"basic", "bearer", "digest", "token", "apikey", "api-key"})
@@ -203,6 +206,28 @@ class ConsumerIdentity:
         self._names = dict(names or {})
         self._cache: dict[str, Consumer | None] = {}
         self._cache_size = cache_size
+        self._confirmed: dict[str, None] = {}
+        self.unconfirmed = 0  # requests whose key the app never accepted: no consumer
+
+    def vouched(self, identifier: str, status: int) -> bool:
+        """Whether a request answered `status` counts under the identifier of its key.
+
+        A key counts once the app accepted it (a status below 400); after that its other
+        4xx are still its consumer's, but a refusal (401, 403) never is. Random keys a
+        scanner sends are refused or answered 404 and so never take one of the
+        `max_consumers` slots from a real consumer.
+        """
+        confirmed = self._confirmed
+        if status < 400:
+            if identifier not in confirmed:
+                if len(confirmed) >= MAX_CONFIRMED:
+                    del confirmed[next(iter(confirmed))]
+                confirmed[identifier] = None
+            return True
+        if status not in REFUSED and identifier in confirmed:
+            return True
+        self.unconfirmed += 1
+        return False
 
     def identify(self, headers: Mapping[str, str]) -> Consumer | None:
         """The consumer for these request headers, or None without a usable credential."""

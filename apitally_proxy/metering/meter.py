@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Protocol
 
 from apitally_proxy.metering.consumers import ConsumerRegistry, parse_consumer
@@ -14,6 +15,8 @@ from apitally_proxy.metering.validation import (
     extract_validation_errors,
 )
 from apitally_proxy.routes import RouteOverrides
+
+log = logging.getLogger("apitally_proxy.metering")
 
 # Statuses that suggest the path is no route of the app: heuristics don't learn from them.
 NO_ROUTE_STATUSES = frozenset({404, 405})
@@ -64,6 +67,8 @@ class Meter:
         self.framework = framework
         # The hub's bins by default; exponential histograms for OpenTelemetry export.
         self.requests = requests if requests is not None else RequestCounter(max_consumers)
+        self._max_consumers = max_consumers
+        self._overflow_reported = 0
         self.consumers = ConsumerRegistry(max_size=max_consumers)
         self.route_overrides = RouteOverrides()
         self.validation_errors = ValidationErrorCounter(max_keys=max_consumers)
@@ -98,12 +103,14 @@ class Meter:
                 headers.get(HEADER_CONSUMER_NAME),
                 headers.get(HEADER_CONSUMER_GROUP),
             )
-        # The app's own X-Apitally-Consumer wins. A credential the app refused (401)
-        # names no consumer: random keys must not crowd real consumers out of the cap.
-        if consumer is None and self.identity is not None and ex.status != 401:
+        # The app's own X-Apitally-Consumer wins. A key names a consumer only once the
+        # app accepted it: random keys must not crowd real consumers out of the cap.
+        if consumer is None and self.identity is not None:
             request_headers = ex.request_headers
             if request_headers is not None:
-                consumer = self.identity.identify(request_headers)
+                found = self.identity.identify(request_headers)
+                if found is not None and self.identity.vouched(found.identifier, ex.status):
+                    consumer = found
         consumer_id = None
         if consumer is not None:
             consumer_id = consumer.identifier
@@ -149,6 +156,15 @@ class Meter:
 
     def get_and_reset(self) -> dict[str, Any]:
         """The aggregate part of a sync payload; the meter starts a new interval."""
+        overflow = self.requests.consumer_overflow
+        if overflow > self._overflow_reported:
+            log.warning(
+                "max_consumers (%d) reached: %d request(s) this interval were counted without "
+                "their consumer; raise max_consumers if these are real consumers",
+                self._max_consumers,
+                overflow - self._overflow_reported,
+            )
+            self._overflow_reported = overflow
         return {
             "requests": self.requests.get_and_reset_requests(),
             "validation_errors": self.validation_errors.get_and_reset_validation_errors(),
