@@ -394,6 +394,17 @@ class Settings(BaseSettings):
     max_header_bytes: int = _setting(
         65536, ge=1024, description="total bytes of request header fields before 431"
     )
+    max_response_field_size: int = _setting(
+        16384,
+        ge=1024,
+        description="longest upstream status line or header field, in bytes (502 past it)",
+    )
+    max_response_headers: int = _setting(
+        200, ge=8, description="most header fields in an upstream response head (502 past it)"
+    )
+    max_interim_responses: int = _setting(
+        10, ge=0, description="most interim 1xx answers before the final one (502 past it)"
+    )
     max_templates_per_method: int = _setting(
         1000, ge=1, description="distinct heuristic path templates per method before overflow"
     )

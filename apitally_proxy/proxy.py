@@ -191,6 +191,9 @@ class ReverseProxy:
             keepalive=settings.upstream_keepalive,
             limit=settings.upstream_pool_size,
             body_timeout=settings.client_body_timeout,
+            max_field_size=settings.max_response_field_size,
+            max_headers=settings.max_response_headers,
+            max_interim=settings.max_interim_responses,
         )
         self.in_flight = 0
         self.upstream_errors: dict[str, int] = {}

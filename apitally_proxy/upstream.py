@@ -45,9 +45,11 @@ class ClientBodyError(ClientError):
         self.status = status  # 400 malformed or cut short, 408 stalled
 
 
-# Response heads come from our own app, not the internet: generous, but bounded.
-MAX_RESPONSE_LINE = 65536
-MAX_RESPONSE_HEADERS = 1000
+# Response heads come from our own app, not the internet: generous, but bounded (the
+# settings max_response_field_size, max_response_headers, max_interim_responses).
+MAX_RESPONSE_LINE = 16384
+MAX_RESPONSE_HEADERS = 200
+MAX_INTERIM_RESPONSES = 10
 
 
 class _PooledProtocol(ResponseHandler):
@@ -119,9 +121,15 @@ class UpstreamPool:
         keepalive: float,
         limit: int = 0,
         body_timeout: float = 60.0,
+        max_field_size: int = MAX_RESPONSE_LINE,
+        max_headers: int = MAX_RESPONSE_HEADERS,
+        max_interim: int = MAX_INTERIM_RESPONSES,
     ) -> None:
         self._upstream = upstream
         self._body_timeout = body_timeout
+        self._max_field_size = max_field_size
+        self._max_headers = max_headers
+        self._max_interim = max_interim
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._keepalive = keepalive
@@ -268,9 +276,9 @@ class UpstreamPool:
             auto_decompress=False,
             read_timeout=self._read_timeout,
             timeout_ceil_threshold=self._read_timeout + 1,  # exact timeouts, no rounding up
-            max_line_size=MAX_RESPONSE_LINE,
-            max_field_size=MAX_RESPONSE_LINE,
-            max_headers=MAX_RESPONSE_HEADERS,
+            max_line_size=self._max_field_size,
+            max_field_size=self._max_field_size,
+            max_headers=self._max_headers,
         )
         writer = StreamWriter(proto, loop)
         if chunked:
@@ -286,6 +294,7 @@ class UpstreamPool:
             # (413, 401…) before reading all of it. The read timeout starts once the
             # body is sent: until then the upstream may rightly stay silent.
             upload = _Upload(loop, proto, writer, body, self._body_timeout)
+        interim = 0
         try:
             while True:
                 try:
@@ -297,7 +306,14 @@ class UpstreamPool:
                 if not (100 <= message.code < 200) or message.code == 101:
                     break
                 # Interim 1xx (e.g. 103 Early Hints): the final answer follows, and the
-                # parser dropped the read timeout for this one; re-arm it.
+                # parser dropped the read timeout for this one; re-arm it, a bounded
+                # number of times (an endless train would hold the request forever).
+                interim += 1
+                if interim > self._max_interim:
+                    raise InvalidResponse(
+                        f"more than {self._max_interim} interim (1xx) responses "
+                        "(max_interim_responses)"
+                    )
                 proto.start_timeout()
                 if on_interim is not None and message.code != 100:
                     await on_interim(message.code, message.reason, message.headers)

@@ -330,3 +330,70 @@ async def test_upstream_restart_gives_502_then_recovers(hub, http, start_proxy, 
     finally:
         await faulty.stop()
     assert hub.request_counts() == {(None, "GET", "/ok", 200): 4, (None, "GET", "/ok", 502): 1}
+
+
+class HugeHeadUpstream:
+    """Answers `/huge-head` with a head of many large header fields, `/endless-1xx` with
+    103 Early Hints until the client goes away, anything else with 200."""
+
+    async def start(self) -> HugeHeadUpstream:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        self.server.close()
+
+    async def _serve(self, reader, writer) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            path = head.split(b" ")[1]
+            if path == b"/huge-head":
+                writer.write(b"HTTP/1.1 200 OK\r\n")
+                for i in range(2000):  # 2000 x 30 KB: a 60 MB head
+                    writer.write(b"X-Junk-%d: %s\r\n" % (i, b"j" * 30_000))
+                    await writer.drain()
+                writer.write(b"Content-Length: 2\r\n\r\nok")
+            elif path == b"/endless-1xx":
+                for _ in range(10_000):
+                    writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")
+                    await writer.drain()
+                    await asyncio.sleep(0.01)
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+async def test_huge_response_heads_and_endless_1xx_trains_are_bounded(
+    hub, http, start_proxy, hub_args_long
+):
+    up = await HugeHeadUpstream().start()
+    try:
+        proxy = await start_proxy(f"http://127.0.0.1:{up.port}", *hub_args_long)
+        before = proxy.rss()
+        statuses = await asyncio.gather(
+            *(get_status(http, proxy.url + "/huge-head") for _ in range(3))
+        )
+        grown = proxy.rss() - before
+        assert statuses == [502, 502, 502]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert await get_status(http, proxy.url + "/endless-1xx") == 502
+        assert loop.time() - started < 5  # after max_interim_responses, not forever
+        assert await get_status(http, proxy.url + "/ok") == 200
+        print(f"RSS +{grown / 1e6:.1f} MB for three 60 MB response heads")
+        assert grown < 30 * 1024 * 1024
+        assert await proxy.stop() == 0
+    finally:
+        await up.stop()
+    assert hub.request_counts()[(None, "GET", "/huge-head", 502)] == 3
+
+
+async def get_status(http, url: str) -> int:
+    async with http.get(url) as r:
+        await r.read()
+        return r.status
