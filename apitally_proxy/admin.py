@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import html
+import ipaddress
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -114,8 +116,67 @@ def render_status_page(s: dict[str, Any]) -> str:
     )
 
 
-def build_admin_app(status: StatusFn, ready: Callable[[], bool]) -> web.Application:
-    """The admin application; `status` returns the live state as a dict."""
+# Probes need no credential (orchestrators call them); everything else may want one.
+OPEN_PATHS = frozenset({"/health", "/healthz"})
+
+
+def host_allowed(host: str | None, allowed: frozenset[str]) -> bool:
+    """Whether a Host header names this server: an IP literal, localhost, or an allowed name.
+
+    A DNS-rebinding page reaches the admin port under the attacker's own name
+    (`evil.example:9099`); IP literals and `localhost` are what local tools, probes
+    and scrapers use.
+    """
+    if not host:
+        return False
+    name = host.strip().lower()
+    if name.startswith("["):  # [v6]:port
+        name = name[1 : name.find("]")] if "]" in name else name
+    elif name.count(":") == 1:
+        name = name.rsplit(":", 1)[0]
+    if name in allowed or name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _guard(allowed_hosts: frozenset[str], token: str | None) -> Any:
+    expected = f"Bearer {token}".encode() if token else None
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
+        if not host_allowed(request.headers.get("Host"), allowed_hosts):
+            return web.Response(
+                status=421,
+                text="unknown Host for the admin server; add it to admin_allowed_hosts\n",
+            )
+        if expected is not None and request.path not in OPEN_PATHS:
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return web.Response(
+                    status=401,
+                    text="admin_token required: Authorization: Bearer <token>\n",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        return await handler(request)
+
+    return guard
+
+
+def build_admin_app(
+    status: StatusFn,
+    ready: Callable[[], bool],
+    allowed_hosts: frozenset[str] = frozenset(),
+    token: str | None = None,
+) -> web.Application:
+    """The admin application; `status` returns the live state as a dict.
+
+    Requests must name an acceptable Host (see `host_allowed`); with `token`, every
+    endpoint but the health probes wants `Authorization: Bearer <token>`.
+    """
     registry = CollectorRegistry(auto_describe=True)
     registry.register(_ProxyCollector(status))
 
@@ -154,7 +215,7 @@ def build_admin_app(status: StatusFn, ready: Callable[[], bool]) -> web.Applicat
         page = await asyncio.to_thread(render_status_page, status())
         return web.Response(text=page, content_type="text/html")
 
-    app = web.Application()
+    app = web.Application(middlewares=[_guard(frozenset(h.lower() for h in allowed_hosts), token)])
     app.router.add_get("/health", health)
     app.router.add_get("/healthz", health)
     app.router.add_get("/metrics", metrics)

@@ -293,6 +293,18 @@ class Settings(BaseSettings):
         flag="--admin-listen",
         description="admin address (health, metrics, status); 'off' disables it",
     )
+    admin_token: str | None = _setting(
+        None,
+        env="APITALLY_PROXY_ADMIN_TOKEN",
+        description="bearer token the admin endpoints (all but /health) require; env or "
+        "config file only. Set it when the admin address is not loopback",
+    )
+    admin_allowed_hosts: list[str] = _setting(
+        [],
+        env="APITALLY_PROXY_ADMIN_ALLOWED_HOSTS",
+        description="host names the admin server answers to besides IP literals and "
+        "localhost (DNS-rebinding guard), comma-separated",
+    )
     state_dir: Path = _setting(
         default_state_dir(),
         env="APITALLY_PROXY_STATE_DIR",
@@ -472,6 +484,13 @@ class Settings(BaseSettings):
         # stop traffic (see hub_problem).
         return v.strip().rstrip("/")
 
+    @field_validator("admin_allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
     @field_validator("trusted_proxies", mode="before")
     @classmethod
     def _split_trusted(cls, v: Any) -> Any:
@@ -496,6 +515,7 @@ class Settings(BaseSettings):
     @field_validator(
         "client_id",
         "write_token",
+        "admin_token",
         "collector_endpoint",
         "collector_headers",
         "app_version",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import ipaddress
 import logging
 import platform
 import re
@@ -323,6 +324,7 @@ class Worker:
             self._publisher = StatusPublisher(status_path(status_dir, self.slot), self.status)
             self._publisher.start()
         if admin is not None and self.slot == 0:
+            _warn_if_exposed(admin.host, s.admin_token is not None)
             status = self.status
             if s.workers > 1:
 
@@ -330,7 +332,13 @@ class Worker:
                     return merged_status(self.status(), status_dir, s.workers)
 
             self._admin_runner = web.AppRunner(
-                build_admin_app(status, lambda: self.ready), access_log=None
+                build_admin_app(
+                    status,
+                    lambda: self.ready,
+                    frozenset(s.admin_allowed_hosts),
+                    s.admin_token,
+                ),
+                access_log=None,
             )
             await self._admin_runner.setup()
             try:
@@ -415,6 +423,25 @@ class Worker:
             await self._admin_runner.cleanup()
         self.lease.release()
         log.info("worker %d stopped", self.lease.slot)
+
+
+def _warn_if_exposed(host: str, has_token: bool) -> None:
+    """The admin server shows consumer ids and paths: say so when others can reach it."""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback:
+        return
+    if has_token:
+        log.info("admin server on %s (not loopback): admin_token required", host or "*")
+        return
+    log.warning(
+        "the admin server listens on %s, not a loopback address: /metrics and /status "
+        "(consumer ids, paths) are open to whoever reaches it; set admin_token / "
+        "APITALLY_PROXY_ADMIN_TOKEN or bind --admin-listen to 127.0.0.1",
+        host or "every interface",
+    )
 
 
 def _make_identity(settings: Settings) -> ConsumerIdentity | None:
