@@ -26,6 +26,7 @@ from apitally_proxy.upstream import (
     InvalidResponse,
     UpstreamPool,
     UpstreamResponse,
+    buffer_head,
 )
 from apitally_proxy.websocket import WebSocketRelay, is_websocket_upgrade
 
@@ -81,6 +82,26 @@ class BodyCapture:
             self.data = bytearray()
             return
         self.data += chunk
+
+
+class _Response(web.StreamResponse):
+    """The relayed response: its head is written byte for byte when a header value
+    carries obs-text (aiohttp's serializer would drop those bytes)."""
+
+    obs_text = False
+
+    async def _write_headers(self) -> None:
+        if not self.obs_text:
+            await super()._write_headers()
+            return
+        request = self._req
+        writer = self._payload_writer
+        assert request is not None and writer is not None
+        version = request.version
+        status_line = f"HTTP/{version[0]}.{version[1]} {self._status} {self._reason}"
+        buffer_head(writer, status_line, self._headers)  # type: ignore[arg-type]
+        if self._send_headers_immediately:
+            writer.send_headers()
 
 
 class Exchange:
@@ -238,13 +259,15 @@ class ReverseProxy:
             self._trust_cache[peer] = trusted
         return trusted
 
-    def _upstream_headers(self, request: web.BaseRequest) -> CIMultiDict[str]:
-        """The request headers as the upstream should see them."""
+    def _upstream_headers(self, request: web.BaseRequest) -> tuple[CIMultiDict[str], bool]:
+        """The request headers as the upstream should see them, and whether a value
+        carries bytes that are not UTF-8 (obs-text, forwarded byte for byte)."""
         incoming = request.headers
         extra = _connection_tokens(incoming) if "Connection" in incoming else set()
         peer = request.remote or ""
         trusted = self._peer_trusted(peer)
         headers: CIMultiDict[str] = CIMultiDict()
+        obs_text = False
         for name, value in incoming.items():
             lname = name.lower()
             if (
@@ -261,6 +284,8 @@ class ReverseProxy:
                 )
             ):
                 continue
+            if not value.isascii():
+                obs_text = True
             headers.add(name, value)
         length = request.content_length
         if length is not None:
@@ -278,7 +303,7 @@ class ReverseProxy:
             host = incoming.get("Host")
         if host:
             headers["X-Forwarded-Host"] = host
-        return headers
+        return headers, obs_text
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Forward one request; always records exactly one Exchange."""
@@ -349,7 +374,7 @@ class ReverseProxy:
             exchange.refused = True
             return refusal
         target = self._base_path + request.rel_url.raw_path_qs
-        headers = self._upstream_headers(request)
+        headers, obs_text = self._upstream_headers(request)
         if is_websocket_upgrade(request):
             try:
                 return await self._websockets.relay(request, target, headers, exchange, started)
@@ -358,7 +383,9 @@ class ReverseProxy:
         has_body = request.body_exists
 
         try:
-            upstream = await self._send(request, method, target, headers, has_body, exchange)
+            upstream = await self._send(
+                request, method, target, headers, has_body, exchange, obs_text
+            )
         except Exception as exc:
             return self._error_response(exchange, exc)
         exchange.response_time = time.perf_counter() - started
@@ -376,6 +403,7 @@ class ReverseProxy:
         headers: CIMultiDict[str],
         has_body: bool,
         exchange: Exchange,
+        obs_text: bool = False,
     ) -> UpstreamResponse:
         chunked = has_body and request.content_length is None
         if chunked:
@@ -405,7 +433,7 @@ class ReverseProxy:
                 await writer.write(("".join(lines) + "\r\n").encode("utf-8", "surrogateescape"))
 
         return await self._pool.request(
-            method, target, headers, body, chunked, retry_stale, on_interim
+            method, target, headers, body, chunked, retry_stale, on_interim, obs_text
         )
 
     async def _stream_body(
@@ -431,7 +459,7 @@ class ReverseProxy:
         self, request: web.BaseRequest, upstream: UpstreamResponse, exchange: Exchange
     ) -> web.StreamResponse:
         """Copy the upstream response to the client, streaming the body."""
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        response = _Response(status=upstream.status, reason=upstream.reason)
         if "Content-Length" in upstream.headers:
             # A sized body follows at once: send the head with its first chunk (one
             # write instead of two). Streams of unknown length (SSE, long polls) keep
@@ -448,6 +476,8 @@ class ReverseProxy:
                 continue
             if _is_hop_by_hop(lname, extra):
                 continue
+            if not value.isascii():
+                response.obs_text = True
             out.add(name, value)
         exchange.status = upstream.status
         capture = None

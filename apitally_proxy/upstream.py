@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import ssl
 import time
 from collections import deque
@@ -71,6 +72,30 @@ class _PooledProtocol(ResponseHandler):
 
 
 InterimHandler = Callable[[int, str, CIMultiDictProxy[str]], Awaitable[None]]
+_HEAD_INJECTION = re.compile(r"[\r\n\x00]")
+
+
+def encode_head(start_line: str, headers: CIMultiDict[str] | CIMultiDictProxy[str]) -> bytes:
+    """A message head as bytes, header values byte for byte as they were received.
+
+    aiohttp hands bytes that are not UTF-8 (obs-text, e.g. `\\xff` in a cookie) over
+    as surrogate escapes, and its C serializer silently drops them; a proxy must
+    forward them. CR, LF or NUL inside a name or value is refused (header injection).
+    """
+    parts = [start_line, "\r\n"]
+    for name, value in headers.items():
+        if _HEAD_INJECTION.search(name) or _HEAD_INJECTION.search(value):
+            raise ValueError(f"control character in header {name!r}: refused")
+        parts += (name, ": ", value, "\r\n")
+    parts.append("\r\n")
+    return "".join(parts).encode("utf-8", "surrogateescape")
+
+
+def buffer_head(writer: StreamWriter, start_line: str, headers: CIMultiDict[str]) -> None:
+    """`StreamWriter.write_headers` with `encode_head`: for heads carrying obs-text only
+    (aiohttp's C serializer is faster for the rest)."""
+    writer._headers_buf = encode_head(start_line, headers)
+    writer._headers_written = False
 
 
 class UpstreamResponse:
@@ -221,10 +246,12 @@ class UpstreamPool:
         chunked: bool = False,
         retry_stale: bool = False,
         on_interim: InterimHandler | None = None,
+        obs_text: bool = False,
     ) -> UpstreamResponse:
         """Send one request; the caller must `release()` the response after its body.
 
         `on_interim` gets each interim 1xx answer (103 Early Hints…) as it arrives.
+        `obs_text`: some header value holds bytes that are not UTF-8 (see `encode_head`).
 
         With `retry_stale` (only for idempotent requests without a body), a pooled
         connection that turns out to be closed by the upstream before any response
@@ -236,7 +263,7 @@ class UpstreamPool:
         async def exchange_on(proto: _PooledProtocol) -> UpstreamResponse:
             try:
                 return await self._exchange(
-                    proto, method, target, headers, body, chunked, on_interim
+                    proto, method, target, headers, body, chunked, on_interim, obs_text
                 )
             except BaseException:
                 proto.close()  # never back to the pool after a failure
@@ -266,6 +293,7 @@ class UpstreamPool:
         body: AsyncIterator[bytes] | None,
         chunked: bool,
         on_interim: InterimHandler | None = None,
+        obs_text: bool = False,
     ) -> UpstreamResponse:
         loop = asyncio.get_running_loop()
         proto.set_response_params(
@@ -283,7 +311,10 @@ class UpstreamPool:
         writer = StreamWriter(proto, loop)
         if chunked:
             writer.enable_chunking()
-        await writer.write_headers(f"{method} {target} HTTP/1.1", headers)
+        if obs_text:
+            buffer_head(writer, f"{method} {target} HTTP/1.1", headers)
+        else:
+            await writer.write_headers(f"{method} {target} HTTP/1.1", headers)
         upload: _Upload | None = None
         if body is None:
             await writer.write_eof()

@@ -148,3 +148,52 @@ def test_control_characters_never_reach_an_identifier():
 def test_dumps_lenient_keeps_clean_payloads_byte_for_byte():
     payload = {"requests": [{"consumer": "ünï", "n": 1}]}
     assert dumps_lenient(payload) == (orjson.dumps(payload), 0)
+
+
+async def test_obs_text_header_bytes_pass_both_ways_byte_for_byte(start_proxy):
+    """`Cookie: sid=\\xff; admin=0` must reach the app as sent, and a raw Latin-1
+    response header the client as sent: a proxy deletes no bytes."""
+    seen: list[bytes] = []
+
+    async def app(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        seen.append(head)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Name: Jos\xe9\r\n"
+            b"Set-Cookie: t=\xff\xfe\r\nConnection: close\r\n\r\nok"
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(app, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        proxy = await start_proxy(f"http://127.0.0.1:{port}")
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(
+            b"GET /x HTTP/1.1\r\nHost: h\r\nCookie: sid=\xff; admin=0\r\n"
+            b"X-Utf8: caf\xc3\xa9\r\nConnection: close\r\n\r\n"
+        )
+        await writer.drain()
+        response = await reader.read()
+        writer.close()
+    finally:
+        server.close()
+    (head,) = [h for h in seen if h.startswith(b"GET /x ")]  # not the OpenAPI probes
+    assert b"\r\nCookie: sid=\xff; admin=0\r\n" in head
+    assert b"\r\nX-Utf8: caf\xc3\xa9\r\n" in head
+    assert b"\r\nX-Name: Jos\xe9\r\n" in response
+    assert b"\r\nSet-Cookie: t=\xff\xfe\r\n" in response
+    assert response.endswith(b"ok")
+
+
+def test_a_head_with_a_line_break_inside_a_value_is_refused():
+    from multidict import CIMultiDict
+
+    from apitally_proxy.upstream import encode_head
+
+    assert encode_head("GET / HTTP/1.1", CIMultiDict({"A": "caf\udce9"})) == (
+        b"GET / HTTP/1.1\r\nA: caf\xe9\r\n\r\n"
+    )
+    with pytest.raises(ValueError, match="control character"):
+        encode_head("GET / HTTP/1.1", CIMultiDict({"A": "x\r\nInjected: 1"}))
