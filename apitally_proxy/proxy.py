@@ -56,6 +56,7 @@ CLIENT_ADDRESS_CLAIMS = frozenset({"forwarded", "x-real-ip", "x-client-ip", "tru
 APITALLY_PREFIX = "x-apitally-"
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 STATUS_CLIENT_CLOSED = 499
+SUPPORTED_VERSIONS = frozenset({(1, 0), (1, 1)})
 STATUS_CUT_BY_SHUTDOWN = 503  # still running when the drain's deadline came
 
 
@@ -84,24 +85,47 @@ class BodyCapture:
         self.data += chunk
 
 
-class _Response(web.StreamResponse):
-    """The relayed response: its head is written byte for byte when a header value
-    carries obs-text (aiohttp's serializer would drop those bytes)."""
+class _ProxyHead:
+    """How the proxy writes a response head, for relayed and for its own responses.
+
+    - Nothing is added that the app did not send: aiohttp's `Server` header and its
+      default `Content-Type: application/octet-stream` are taken out again (`Date`
+      stays: RFC 9110 §6.6.1 asks a proxy to add it when missing).
+    - A head whose values carry obs-text is written byte for byte (`buffer_head`).
+    - A request in an HTTP version the proxy does not speak is answered in HTTP/1.1.
+    """
 
     obs_text = False
+    # Relayed responses: whether the upstream sent these (the proxy's own send neither).
+    had_content_type = True
+    had_server = False
+    http_version: tuple[int, int] | None = None
 
     async def _write_headers(self) -> None:
-        if not self.obs_text:
-            await super()._write_headers()
+        headers = self._headers  # type: ignore[attr-defined]
+        if not self.had_server:
+            headers.pop("Server", None)
+        if not self.had_content_type:
+            headers.pop("Content-Type", None)
+        if not self.obs_text and self.http_version is None:
+            await super()._write_headers()  # type: ignore[misc]
             return
-        request = self._req
-        writer = self._payload_writer
+        request = self._req  # type: ignore[attr-defined]
+        writer = self._payload_writer  # type: ignore[attr-defined]
         assert request is not None and writer is not None
-        version = request.version
-        status_line = f"HTTP/{version[0]}.{version[1]} {self._status} {self._reason}"
-        buffer_head(writer, status_line, self._headers)  # type: ignore[arg-type]
-        if self._send_headers_immediately:
+        major, minor = self.http_version or request.version
+        status_line = f"HTTP/{major}.{minor} {self._status} {self._reason}"  # type: ignore[attr-defined]
+        buffer_head(writer, status_line, headers)
+        if self._send_headers_immediately:  # type: ignore[attr-defined]
             writer.send_headers()
+
+
+class _Response(_ProxyHead, web.StreamResponse):
+    """A relayed response."""
+
+
+class _Own(_ProxyHead, web.Response):
+    """A response the proxy writes itself (refusals, 502/504)."""
 
 
 class Exchange:
@@ -172,12 +196,17 @@ class CapturePolicy(Protocol):
         """A capture for this response's body, or None to copy nothing."""
 
 
+# Fields a Connection header cannot make hop-by-hop: they describe the message itself
+# (`Connection: Host` must not cost a request its Host, nor re-frame it).
+NEVER_HOP_BY_HOP = frozenset({"host", "content-length", "content-type", "transfer-encoding"})
+
+
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
     """Header names listed in Connection: also hop-by-hop for this message."""
     tokens: set[str] = set()
     for value in headers.getall("Connection", ()):
         tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
-    return tokens
+    return tokens - NEVER_HOP_BY_HOP
 
 
 def _is_hop_by_hop(name: str, extra: set[str]) -> bool:
@@ -223,6 +252,11 @@ class ReverseProxy:
         self._tasks: set[asyncio.Task[object]] = set()
         self._cutting = False
         self.cut_by_shutdown = 0
+
+    def count_parser_refusal(self, status: int) -> None:
+        """A request aiohttp's parser refused before it reached `handle` (never forwarded)."""
+        if status < 500:
+            self.refused += 1
 
     def cut_in_flight(self) -> int:
         """Cancel every request still running (the drain's deadline); returns how many."""
@@ -290,17 +324,23 @@ class ReverseProxy:
         length = request.content_length
         if length is not None:
             headers["Content-Length"] = str(length)
+        target = request._message.url
+        if target.absolute and target.raw_authority:
+            # Absolute-form (`GET http://api.example/x`): the target's authority is the
+            # request's host, whatever Host says (RFC 9112 §3.2.2); the request still
+            # goes to the configured upstream only.
+            headers["Host"] = target.raw_authority
 
         if trusted:
             # Keep what the trusted hop said, add ourselves to the chain.
             chain = ", ".join(incoming.getall("X-Forwarded-For", ()))
             headers["X-Forwarded-For"] = f"{chain}, {peer}" if chain else peer
             headers["X-Forwarded-Proto"] = incoming.get("X-Forwarded-Proto", request.scheme)
-            host = incoming.get("X-Forwarded-Host", incoming.get("Host"))
+            host = incoming.get("X-Forwarded-Host", headers.get("Host"))
         else:
             headers["X-Forwarded-For"] = peer
             headers["X-Forwarded-Proto"] = request.scheme
-            host = incoming.get("Host")
+            host = headers.get("Host")
         if host:
             headers["X-Forwarded-Host"] = host
         return headers, obs_text
@@ -346,22 +386,27 @@ class ReverseProxy:
     def _refuse(self, request: web.BaseRequest) -> web.Response | None:
         """Requests the proxy answers itself instead of forwarding (aiohttp's parser
         already refused malformed heads, smuggling-prone framing and oversize lines)."""
+        if request.version not in SUPPORTED_VERSIONS:
+            refusal = _Own(status=505, text="HTTP version not supported: use HTTP/1.1\n")
+            refusal.http_version = (1, 1)
+            refusal.force_close()
+            return refusal
         if request.method == "CONNECT":
-            return web.Response(status=405, text="CONNECT is not supported by this proxy\n")
+            return _Own(status=405, text="CONNECT is not supported by this proxy\n")
         if not request.rel_url.raw_path.startswith("/"):
             # Asterisk-form (`OPTIONS *`) and other targets an origin server never needs.
-            return web.Response(status=400, text="request target must start with /\n")
+            return _Own(status=400, text="request target must start with /\n")
         raw = request.raw_headers
         if (
             len(raw) > self._header_sum_threshold
             and sum(len(k) + len(v) for k, v in raw) > self._max_header_bytes
         ):
-            return web.Response(status=431, text="request header fields too large\n")
+            return _Own(status=431, text="request header fields too large\n")
         te = request.headers.get("Transfer-Encoding")
         if te is not None and te.strip().lower() != "chunked":
             # Only chunked framing is understood; anything else cannot be re-framed
             # faithfully for the upstream (RFC 9112 §6.1: 501).
-            return web.Response(status=501, text="unsupported Transfer-Encoding\n")
+            return _Own(status=501, text="unsupported Transfer-Encoding\n")
         return None
 
     async def _forward(
@@ -460,6 +505,8 @@ class ReverseProxy:
     ) -> web.StreamResponse:
         """Copy the upstream response to the client, streaming the body."""
         response = _Response(status=upstream.status, reason=upstream.reason)
+        response.had_content_type = "Content-Type" in upstream.headers
+        response.had_server = "Server" in upstream.headers
         if "Content-Length" in upstream.headers:
             # A sized body follows at once: send the head with its first chunk (one
             # write instead of two). Streams of unknown length (SSE, long polls) keep
@@ -523,7 +570,7 @@ class ReverseProxy:
             # The client's own body broke or stalled: its fault, not the upstream's.
             exchange.status = exc.status
             log.info("%s %s -> %d: %s", exchange.method, exchange.path, exc.status, exc)
-            return web.Response(status=exc.status, text=f"{exc.status} {exc}\n")
+            return _Own(status=exc.status, text=f"{exc.status} {exc}\n")
         if isinstance(exc, TimeoutError):
             status, kind, reason = 504, "timeout", "the upstream did not answer in time"
         elif isinstance(exc, aiohttp.ClientConnectorError):
@@ -547,4 +594,4 @@ class ReverseProxy:
             type(exc).__name__,
             exc,
         )
-        return web.Response(status=status, text=f"{status} {reason}\n")
+        return _Own(status=status, text=f"{status} {reason}\n")

@@ -12,9 +12,11 @@ import re
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from apitally_proxy import __version__
 from apitally_proxy.admin import build_admin_app
@@ -288,8 +290,9 @@ class Worker:
     async def start(self, reuse_port: bool = False) -> None:
         s = self.settings
         await self.proxy.start()
-        server = web.Server(
+        server = _ProxyServer(
             self.proxy.handle,
+            self.proxy.count_parser_refusal,
             handler_cancellation=True,  # a client that leaves cancels its handler (499)
             access_log=None,
             keepalive_timeout=s.client_keepalive,
@@ -423,6 +426,34 @@ class Worker:
             await self._admin_runner.cleanup()
         self.lease.release()
         log.info("worker %d stopped", self.lease.slot)
+
+
+class _RefusalCountingHandler(RequestHandler):
+    """aiohttp's connection handler; requests its parser refused (a malformed head,
+    smuggling-prone framing, oversize lines) are answered by it, and counted here."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        on_refusal = getattr(self._manager, "on_refusal", None)
+        if on_refusal is not None:
+            on_refusal(status)
+        return super().handle_error(request, status, exc, message)
+
+
+class _ProxyServer(web.Server):
+    """aiohttp's low-level server with refusal counting (see `_RefusalCountingHandler`)."""
+
+    def __init__(self, handler: Any, on_refusal: Callable[[int], None], **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.on_refusal = on_refusal
+
+    def __call__(self) -> RequestHandler:
+        return _RefusalCountingHandler(self, loop=self._loop, **self._kwargs)
 
 
 def _warn_if_exposed(host: str, has_token: bool) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import signal
 
 import aiohttp
+import orjson
 import pytest
 
 from tests.support.upstream import Upstream
@@ -397,3 +398,69 @@ async def get_status(http, url: str) -> int:
     async with http.get(url) as r:
         await r.read()
         return r.status
+
+
+async def test_connection_cannot_make_host_hop_by_hop(upstream, start_proxy):
+    proxy = await start_proxy(upstream.url)
+    response = await raw_exchange(
+        proxy.port,
+        b"GET /headers HTTP/1.1\r\nHost: app.example\r\nConnection: Host, close\r\n\r\n",
+    )
+    body = orjson.loads(response.split(b"\r\n\r\n", 1)[1])
+    assert dict(body["headers"])["Host"] == "app.example"
+
+
+async def test_an_absolute_form_targets_authority_wins_over_host(upstream, start_proxy):
+    proxy = await start_proxy(upstream.url)
+    response = await raw_exchange(
+        proxy.port,
+        b"GET http://api.example:8443/headers?x=1 HTTP/1.1\r\nHost: other.example\r\n"
+        b"Connection: close\r\n\r\n",
+    )
+    assert status_of(response) == 200  # still the configured upstream
+    body = orjson.loads(response.split(b"\r\n\r\n", 1)[1])
+    headers = dict(body["headers"])
+    assert headers["Host"] == "api.example:8443"
+    assert headers["X-Forwarded-Host"] == "api.example:8443"
+    assert body["path"] == "/headers?x=1"
+
+
+@pytest.mark.parametrize("version", [b"HTTP/2.0", b"HTTP/0.9", b"HTTP/1.2"])
+async def test_unsupported_http_versions_get_505_in_http_1_1(upstream, start_proxy, version):
+    proxy = await start_proxy(upstream.url)
+    response = await raw_exchange(proxy.port, b"GET /items/1 " + version + b"\r\nHost: x\r\n\r\n")
+    # 505 from the proxy, or 400 from the parser for versions it cannot read: never an
+    # answer that claims the version the client asked for.
+    line = response.split(b"\r\n", 1)[0]
+    assert line.startswith(b"HTTP/1.1 505 ") or line.startswith((b"HTTP/1.0 400", b"HTTP/1.1 400"))
+    st = await proxy.wait_status(lambda st: st["refused"] >= 1)
+    assert st["requests_total"] == 0  # never forwarded, never metered
+
+
+async def test_parser_level_refusals_are_counted_on_metrics(upstream, start_proxy):
+    proxy = await start_proxy(upstream.url)
+    for request in (b"GARBAGE\r\n\r\n", b"GET /x HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n"):
+        assert status_of(await raw_exchange(proxy.port, request)) == 400
+    async with aiohttp.ClientSession() as s, s.get(proxy.admin_url + "/metrics") as r:
+        assert "apitally_proxy_refused_requests_total 2.0" in await r.text()
+
+
+async def test_the_proxy_adds_no_server_or_content_type_the_app_did_not_send(start_proxy):
+    async def bare(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\nbare")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(bare, "127.0.0.1", 0)
+    try:
+        proxy = await start_proxy(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        response = await raw_exchange(proxy.port, b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = response.split(b"\r\n\r\n", 1)[0].lower()
+        assert response.endswith(b"bare")
+        assert b"\r\ncontent-type:" not in head and b"\r\nserver:" not in head
+        assert b"\r\ndate:" in head  # a proxy adds Date when missing (RFC 9110 §6.6.1)
+        refused = await raw_exchange(proxy.port, b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert b"\r\nserver:" not in refused.split(b"\r\n\r\n", 1)[0].lower()
+    finally:
+        server.close()
