@@ -354,9 +354,8 @@ class ReverseProxy:
         if self._capture is not None:
             self._capture.on_request(request, exchange)
         self.in_flight += 1
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
+        task = request.task  # the handler task aiohttp runs this request in
+        self._tasks.add(task)
         try:
             return await self._forward(request, exchange, started)
         except asyncio.CancelledError:
@@ -372,7 +371,7 @@ class ReverseProxy:
             raise
         finally:
             self.in_flight -= 1
-            self._tasks.discard(task)  # type: ignore[arg-type]
+            self._tasks.discard(task)
             if not exchange.got_headers:  # failed before the upstream answered
                 exchange.response_time = time.perf_counter() - started
             if exchange.refused:

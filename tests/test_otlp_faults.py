@@ -137,3 +137,29 @@ async def test_sigkill_and_restart_loses_nothing_older_than_the_checkpoint(
     await otlp.wait_for(lambda: otlp.request_counts().get(ITEMS) == 33, timeout=15)
     assert await again.stop() == 0
     assert otlp.request_counts() == {ITEMS: 33}
+
+
+async def test_each_worker_exports_as_its_own_instance(otlp, upstream, start_proxy):
+    proxy = await start_proxy(
+        upstream.url, "--sync-interval", "0.3", "--workers", "2", env=otlp_env(otlp)
+    )
+    await otlp.wait_for(
+        lambda: len({r["service.instance.id"] for r in otlp.resources("logs")}) == 2, timeout=15
+    )
+    sent = 0
+    for i in range(60):  # fresh connections spread over the workers (SO_REUSEPORT)
+        async with aiohttp.ClientSession() as s, s.get(f"{proxy.url}/items/{i}") as r:
+            assert r.status == 200
+            sent += 1
+    assert await proxy.stop() == 0
+    assert otlp.request_counts() == {ITEMS: sent}
+    instances = {
+        resource["service.instance.id"]
+        for message in otlp.accepted("metrics")
+        for rm in message.resource_metrics
+        if any(
+            m.name == "http.server.request.duration" for sm in rm.scope_metrics for m in sm.metrics
+        )
+        for resource in [dict((kv.key, kv.value.string_value) for kv in rm.resource.attributes)]
+    }
+    assert len(instances) == 2, "both workers served traffic and exported it"
