@@ -61,6 +61,9 @@ def set_value(target: AnyValue, value: Any) -> None:
 def add_attributes(target: Any, attributes: Mapping[str, Any]) -> None:
     """Append `attributes` to a repeated KeyValue field."""
     for key, value in attributes.items():
+        if type(value) is str:  # the common case, without the type dispatch
+            target.add(key=key).value.string_value = value
+            continue
         kv: KeyValue = target.add(key=key)
         set_value(kv.value, value)
 

@@ -15,12 +15,14 @@ any depth. Bodies are kept for the allow-listed content types only, up to
 
 from __future__ import annotations
 
-import json
 import logging
+import random
 import secrets
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from urllib.parse import unquote_plus, urlsplit
+
+import orjson
 
 from apitally_proxy.config import RequestLogSettings
 from apitally_proxy.hub.request_log import BODY_TOO_LARGE, Item, Matcher
@@ -28,6 +30,7 @@ from apitally_proxy.otlp import encode
 from apitally_proxy.otlp.codec import export_payload
 
 log = logging.getLogger("apitally_proxy.otlp")
+_random = random.Random()
 
 REDACTED = "[REDACTED]"
 SPAN_BODY_TOO_LARGE = b"[BODY_TOO_LARGE]"
@@ -55,6 +58,7 @@ BODY_CONTENT_TYPES = (
     "text/plain",
 )
 URL_HEADERS = frozenset({"location", "content-location"})
+MAX_CACHED_NAMES = 2048
 # Serialized span bytes per export request: far below the 4 MiB wire limit even
 # before gzip (two 50 KB bodies make a span about 100 KB).
 MAX_REQUEST_BYTES = 2_000_000
@@ -72,6 +76,8 @@ class SpanBuilder:
         self._query = Matcher([*QUERY_PATTERNS, *config.mask_query_params])
         self._header = Matcher([*HEADER_PATTERNS, *config.mask_headers, *mask_headers])
         self._field = Matcher([*BODY_FIELD_PATTERNS, *config.mask_body_fields])
+        # (prefix, header name) -> (attribute key, redacted?, a URL header?)
+        self._names: dict[tuple[str, str], tuple[str, bool, bool]] = {}
 
     def span(self, item: Item) -> dict[str, Any]:
         (
@@ -129,8 +135,9 @@ class SpanBuilder:
             if value is not None:
                 attrs[key] = value
         span = {
-            "trace_id": secrets.token_hex(16),
-            "span_id": secrets.token_hex(8),
+            # Random, not secret (as the OpenTelemetry SDK makes them); never all zero.
+            "trace_id": f"{_random.getrandbits(128) | 1:032x}",
+            "span_id": f"{_random.getrandbits(64) | 1:016x}",
             "name": f"{method} {template}" if template else method,
             "start_ns": start_ns,
             "end_ns": start_ns + int(response_time * 1e9),
@@ -152,15 +159,27 @@ class SpanBuilder:
     def headers(self, prefix: str, pairs: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
         """Header attributes: lower-cased names, one array element per occurrence."""
         out: dict[str, list[str]] = {}
+        names = self._names
         for name, value in pairs:
-            lname = name.lower()
-            if self._header(lname) or self._header(lname.replace("_", "-")):
-                out[prefix + lname] = [REDACTED]
+            known = names.get((prefix, name))
+            if known is None:
+                lname = name.lower()
+                redact = self._header(lname) or self._header(lname.replace("_", "-"))
+                known = (prefix + lname, redact, lname in URL_HEADERS)
+                if len(names) < MAX_CACHED_NAMES:
+                    names[(prefix, name)] = known
+            key, redact, is_url = known
+            if redact:
+                out[key] = [REDACTED]
                 continue
-            if lname in URL_HEADERS and "?" in value:
+            if is_url and "?" in value:
                 base, _, query = value.partition("?")
                 value = f"{base}?{self.redact_query(query)}"
-            out.setdefault(prefix + lname, []).append(value)
+            values = out.get(key)
+            if values is None:
+                out[key] = [value]
+            else:
+                values.append(value)
         return out
 
     def body(self, body: Any, headers: Mapping[str, str] | None) -> str | bytes | None:
@@ -177,13 +196,15 @@ class SpanBuilder:
         if encoding not in ("", "identity"):
             return REDACTED  # the copy is of the encoded bytes: nothing to read safely
         try:
-            doc = json.loads(data)
-        except ValueError:
+            doc = orjson.loads(data)
+        except orjson.JSONDecodeError:
             try:
                 return data.decode("utf-8")
             except UnicodeDecodeError:
                 return data
-        return json.dumps(self._redact(doc), separators=(",", ":"), ensure_ascii=False)
+        # Compact, non-ASCII as is: what json.dumps(separators=(",", ":"),
+        # ensure_ascii=False) gives, as apitally 1.0.0 writes it.
+        return orjson.dumps(self._redact(doc)).decode()
 
     def _redact(self, doc: Any) -> Any:
         if isinstance(doc, dict):
