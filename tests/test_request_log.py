@@ -14,14 +14,14 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from apitally_proxy.config import ConfigError, RequestLogSettings, load_settings
 from apitally_proxy.hub import request_log as rl
-from apitally_proxy.hub.request_log import BODY_TOO_LARGE, Masker, RequestLog
+from apitally_proxy.hub.request_log import BODY_TOO_LARGE, Item, Masker, RequestLog
 from apitally_proxy.hub.transport import Outcome
 from apitally_proxy.proxy import BodyCapture
 
 
 def item(body: bytes | None = None, ctype: str = "application/json", url: str = "http://h/x"):
     headers = CIMultiDictProxy(CIMultiDict({"Content-Type": ctype}))
-    return (1.5, "POST", "/x", url, headers, 3, None, body, 200, 0.01, headers, 3, None, None)
+    return Item(1.5, "POST", "/x", url, headers, 3, None, body, 200, 0.01, headers, 3, None, None)
 
 
 def request_of(line: bytes) -> dict:

@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlencode
 
 import orjson
@@ -95,9 +95,26 @@ _FORWARDED_PROTO = frozenset(
 )
 _JSON_WORD = re.compile(r"\bjson\b")
 
-# (started_at, method, template, url, request headers, request size, consumer, request body,
-#  status, response time, response headers, response size, response body, client address)
-Item = tuple[Any, ...]
+
+class Item(NamedTuple):
+    """One finished request as the log keeps it: references only, taken on the hot path."""
+
+    started_at: float  # wall clock
+    method: str
+    template: str | None
+    url: str
+    request_headers: Any  # CIMultiDictProxy, or None when not captured
+    request_size: int | None
+    consumer: str | None
+    request_body: Any  # bytes, BODY_TOO_LARGE or None
+    status: int
+    response_time: float
+    response_headers: Any
+    response_size: int | None
+    response_body: Any
+    client_address: str | None
+
+
 SendLog = Callable[[str, bytes], Awaitable[tuple[Outcome, float | None]]]
 # OTLP mode: the writer thread hands items to this instead of writing files (returns how
 # many it logged).
@@ -144,42 +161,27 @@ class Masker:
         self.mask_field = Matcher([*config.mask_body_fields, *MASK_BODY_FIELDS])
 
     def line(self, item: Item) -> bytes:
-        (
-            started_at,
-            method,
-            template,
-            url,
-            req_headers,
-            req_size,
-            consumer,
-            req_body,
-            status,
-            response_time,
-            resp_headers,
-            resp_size,
-            resp_body,
-            _client,
-        ) = item
+        req_headers, resp_headers = item.request_headers, item.response_headers
         cfg = self.config
         req_pairs = list(req_headers.items()) if req_headers is not None else []
         resp_pairs = list(resp_headers.items()) if resp_headers is not None else []
-        url = self._url(url, req_pairs)
+        url = self._url(item.url, req_pairs)
         request = {
-            "timestamp": started_at,
-            "method": method,
-            "path": template,
+            "timestamp": item.started_at,
+            "method": item.method,
+            "path": item.template,
             "url": url,
             "headers": self._headers(req_pairs) if cfg.log_request_headers else None,
-            "size": req_size,
-            "consumer": consumer,
-            "body": self._body(req_body, req_pairs),
+            "size": item.request_size,
+            "consumer": item.consumer,
+            "body": self._body(item.request_body, req_pairs),
         }
         response = {
-            "status_code": status,
-            "response_time": response_time,
+            "status_code": item.status,
+            "response_time": item.response_time,
             "headers": self._headers(resp_pairs) if cfg.log_response_headers else None,
-            "size": resp_size,
-            "body": self._body(resp_body, resp_pairs),
+            "size": item.response_size,
+            "body": self._body(item.response_body, resp_pairs),
         }
         line = {
             "uuid": str(uuid.uuid4()),
@@ -376,7 +378,7 @@ class RequestLog:
             return
         self._buffered_bytes += size
         self._buffer.append(
-            (
+            Item(
                 ex.started_at,
                 ex.method,
                 ex.template,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from apitally_proxy.metering.requests import RequestKey
+from apitally_proxy.metering.requests import KeyedCounter, RequestKey
 
 SCALE = 3
 _SCALE_FACTOR = math.ldexp(1 / math.log(2), SCALE)
@@ -89,61 +89,32 @@ class _Point:
         self.response_size = Histogram()
 
 
-class HistogramCounter:
-    """Per-key histograms with the same `add_request` contract as `RequestCounter`.
+class HistogramCounter(KeyedCounter[_Point]):
+    """Per-key histograms (OpenTelemetry export), with `RequestCounter`'s contract."""
 
-    Distinct consumers per interval are capped the same way: past the cap a request
-    is counted without a consumer and the overflow is counted.
-    """
+    def _new(self) -> _Point:
+        return _Point()
 
-    def __init__(self, max_consumers: int = 10_000) -> None:
-        self._points: dict[RequestKey, _Point] = {}
-        self._consumers: set[str] = set()
-        self._max_consumers = max_consumers
-        self.consumer_overflow = 0
-
-    def add_request(
+    def _observe(
         self,
-        consumer: str | None,
-        method: str,
-        path: str,
-        status_code: int,
+        agg: _Point,
         response_time: float,
-        request_size: int | None = None,
-        response_size: int | None = None,
+        request_size: int | None,
+        response_size: int | None,
     ) -> None:
-        """Record one request; response_time in seconds, sizes in bytes (None = unknown)."""
-        method = method.upper()
-        if method == "OPTIONS":
-            return
-        if consumer is not None and consumer not in self._consumers:
-            if len(self._consumers) >= self._max_consumers:
-                self.consumer_overflow += 1
-                consumer = None
-            else:
-                self._consumers.add(consumer)
-        key = (consumer, method, path, status_code)
-        point = self._points.get(key)
-        if point is None:
-            point = self._points[key] = _Point()
-        point.duration.record(response_time if response_time > 0 else 0.0)
+        agg.duration.record(response_time if response_time > 0 else 0.0)
         if request_size is not None and request_size >= 0:
-            point.request_size.record(request_size)
+            agg.request_size.record(request_size)
         if response_size is not None and response_size >= 0:
-            point.response_size.record(response_size)
-
-    def __len__(self) -> int:
-        return len(self._points)
+            agg.response_size.record(response_size)
 
     def peek_requests(self) -> list[dict[str, Any]]:
         """The rows so far, leaving the counter as it is (for checkpoints)."""
-        return self._rows(self._points)
+        return self._rows(self._aggregates)
 
     def get_and_reset_requests(self) -> list[dict[str, Any]]:
         """The rows of the interval; the counter starts empty again."""
-        points, self._points = self._points, {}
-        self._consumers = set()
-        return self._rows(points)
+        return self._rows(self._take())
 
     @staticmethod
     def _rows(points: dict[RequestKey, _Point]) -> list[dict[str, Any]]:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 RequestKey = tuple[str | None, str, str, int]
+A = TypeVar("A")
 
 
 class _Aggregate:
@@ -27,21 +28,26 @@ class _Aggregate:
         self.response_sizes: dict[int, int] = {}
 
 
-class RequestCounter:
-    """Counts requests exactly as the official Apitally clients do.
-
-    Response times go into 10 ms bins (milliseconds rounded down to 10),
-    sizes into 1 KB bins (bytes // 1000); sums keep the raw bytes.
-    Distinct consumers per interval are capped so hostile identifiers cannot
-    grow memory: past the cap a request is counted without a consumer and the
-    overflow is counted.
+class KeyedCounter(Generic[A]):
+    """Aggregates keyed by (consumer, method, path template, status code), with the
+    consumer cap both protocols share: distinct consumers per interval are capped so
+    hostile identifiers cannot grow memory; past the cap a request is counted without
+    a consumer and the overflow is counted. Subclasses say what one key aggregates.
     """
 
     def __init__(self, max_consumers: int = 10_000) -> None:
-        self._aggregates: dict[RequestKey, _Aggregate] = {}
+        self._aggregates: dict[RequestKey, A] = {}
         self._consumers: set[str] = set()
         self._max_consumers = max_consumers
         self.consumer_overflow = 0
+
+    def _new(self) -> A:
+        raise NotImplementedError
+
+    def _observe(
+        self, agg: A, response_time: float, request_size: int | None, response_size: int | None
+    ) -> None:
+        raise NotImplementedError
 
     def add_request(
         self,
@@ -66,7 +72,36 @@ class RequestCounter:
         key = (consumer, method, path, status_code)
         agg = self._aggregates.get(key)
         if agg is None:
-            agg = self._aggregates[key] = _Aggregate()
+            agg = self._aggregates[key] = self._new()
+        self._observe(agg, response_time, request_size, response_size)
+
+    def __len__(self) -> int:
+        return len(self._aggregates)
+
+    def _take(self) -> dict[RequestKey, A]:
+        """The interval's aggregates; the counter starts empty again."""
+        aggregates, self._aggregates = self._aggregates, {}
+        self._consumers = set()
+        return aggregates
+
+
+class RequestCounter(KeyedCounter[_Aggregate]):
+    """Counts requests exactly as the official Apitally 0.x clients do (hub protocol).
+
+    Response times go into 10 ms bins (milliseconds rounded down to 10),
+    sizes into 1 KB bins (bytes // 1000); sums keep the raw bytes.
+    """
+
+    def _new(self) -> _Aggregate:
+        return _Aggregate()
+
+    def _observe(
+        self,
+        agg: _Aggregate,
+        response_time: float,
+        request_size: int | None,
+        response_size: int | None,
+    ) -> None:
         agg.count += 1
         # Same arithmetic as the official clients, so float edge cases land in the same bin.
         rt_bin = math.floor(response_time / 0.01) * 10 if response_time > 0 else 0
@@ -80,23 +115,13 @@ class RequestCounter:
             kb = response_size // 1000
             agg.response_sizes[kb] = agg.response_sizes.get(kb, 0) + 1
 
-    def __len__(self) -> int:
-        return len(self._aggregates)
-
-    @property
-    def total(self) -> int:
-        """Requests recorded since the last reset."""
-        return sum(a.count for a in self._aggregates.values())
-
     def peek_requests(self) -> list[dict[str, Any]]:
         """The `requests` rows so far, leaving the counter as it is (for checkpoints)."""
         return self._rows(self._aggregates)
 
     def get_and_reset_requests(self) -> list[dict[str, Any]]:
         """The `requests` list of a sync payload; the counter starts empty again."""
-        aggregates, self._aggregates = self._aggregates, {}
-        self._consumers = set()
-        return self._rows(aggregates)
+        return self._rows(self._take())
 
     @staticmethod
     def _rows(aggregates: dict[RequestKey, _Aggregate]) -> list[dict[str, Any]]:

@@ -80,25 +80,11 @@ class SpanBuilder:
         self._names: dict[tuple[str, str], tuple[str, bool, bool]] = {}
 
     def span(self, item: Item) -> dict[str, Any]:
-        (
-            started_at,
-            method,
-            template,
-            url,
-            req_headers,
-            req_size,
-            consumer,
-            req_body,
-            status,
-            response_time,
-            resp_headers,
-            resp_size,
-            resp_body,
-            client_address,
-        ) = item
         cfg = self.config
-        parts = urlsplit(url)
-        start_ns = int(started_at * 1e9)
+        method, template, status = item.method, item.template, item.status
+        req_headers, resp_headers = item.request_headers, item.response_headers
+        parts = urlsplit(item.url)
+        start_ns = int(item.started_at * 1e9)
         attrs: dict[str, Any] = {
             "url.scheme": parts.scheme or "http",
             "server.address": parts.netloc,
@@ -112,24 +98,24 @@ class SpanBuilder:
         attrs["http.request.method"] = method
         if req_headers is not None and "User-Agent" in req_headers:
             attrs["user_agent.original"] = req_headers["User-Agent"]
-        if consumer:
-            attrs["apitally.consumer.identifier"] = consumer
+        if item.consumer:
+            attrs["apitally.consumer.identifier"] = item.consumer
         attrs["http.response.status_code"] = status
         if template:
             attrs["http.route"] = template
-        if client_address:
-            attrs["client.address"] = client_address
-        if req_size is not None:
-            attrs["http.request.body.size"] = req_size
-        if resp_size is not None:
-            attrs["http.response.body.size"] = resp_size
+        if item.client_address:
+            attrs["client.address"] = item.client_address
+        if item.request_size is not None:
+            attrs["http.request.body.size"] = item.request_size
+        if item.response_size is not None:
+            attrs["http.response.body.size"] = item.response_size
         if cfg.log_request_headers and req_headers is not None:
             attrs.update(self.headers("http.request.header.", req_headers.items()))
         if cfg.log_response_headers and resp_headers is not None:
             attrs.update(self.headers("http.response.header.", resp_headers.items()))
         for key, body, headers in (
-            ("apitally.request.body", req_body, req_headers),
-            ("apitally.response.body", resp_body, resp_headers),
+            ("apitally.request.body", item.request_body, req_headers),
+            ("apitally.response.body", item.response_body, resp_headers),
         ):
             value = self.body(body, headers)
             if value is not None:
@@ -140,7 +126,7 @@ class SpanBuilder:
             "span_id": f"{_random.getrandbits(64) | 1:016x}",
             "name": f"{method} {template}" if template else method,
             "start_ns": start_ns,
-            "end_ns": start_ns + int(response_time * 1e9),
+            "end_ns": start_ns + int(item.response_time * 1e9),
             "attributes": attrs,
         }
         if status >= 500:
