@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from apitally_proxy import __version__
-from apitally_proxy.config import ConfigError, Settings, load_settings
+from apitally_proxy.config import ConfigError, Settings, environment_warnings, load_settings
 
 log = logging.getLogger("apitally_proxy")
 
@@ -142,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"apitally-proxy: error: {exc}", file=sys.stderr)
         return 2
+    if args.worker_slot is None:  # once, not again in every worker
+        for warning in environment_warnings():
+            log.warning("%s", warning)
     if args.worker_slot is not None:
         return _run_worker(settings, args.worker_slot, reuse_port=True)
     if settings.workers > 1:

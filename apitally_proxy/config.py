@@ -7,6 +7,7 @@ exactly which setting to fix.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import ipaddress
 import os
@@ -709,15 +710,58 @@ def _url_problem(url: str, setting: str) -> str | None:
     return f"{url!r} is not an http(s) URL: fix {setting}"
 
 
-def _describe(field_name: str) -> str:
+def _config_file(cli_values: dict[str, Any]) -> str:
+    path = cli_values.get("config") or os.environ.get("APITALLY_PROXY_CONFIG")
+    return f"the config file {path}" if path else "the config file"
+
+
+def _describe(field_name: str, config_file: str = "the config file") -> str:
     field = Settings.model_fields.get(field_name)
     extra = (field.json_schema_extra or {}) if field else {}
-    names = [f"`{field_name}` in the config file"]
+    names = [f"`{field_name}` in {config_file}"]
     if extra.get("flag"):  # type: ignore[union-attr]
         names.insert(0, extra["flag"])  # type: ignore[index]
     if extra.get("env"):  # type: ignore[union-attr]
         names.insert(1 if len(names) > 1 else 0, extra["env"])  # type: ignore[index]
     return " / ".join(names)
+
+
+# Environment variables read outside the settings model.
+OTHER_ENV_NAMES = frozenset({"APITALLY_PROXY_LOG_LEVEL"})
+
+
+def env_names() -> dict[str, str]:
+    """Every environment variable the proxy reads -> the setting it feeds."""
+    names = {n: n for n in OTHER_ENV_NAMES}
+    for field_name, field in Settings.model_fields.items():
+        env = (field.json_schema_extra or {}).get("env")  # type: ignore[union-attr]
+        if env:
+            names[str(env)] = field_name
+    return names
+
+
+def environment_warnings(environ: dict[str, str] | None = None) -> list[str]:
+    """Set `APITALLY_*` variables the proxy does not read, each with the name it probably
+    meant (`APITALLY_PROXY_CLIENT_ID` → `APITALLY_CLIENT_ID`): a typo must not silently
+    leave the proxy in local mode."""
+    environ = dict(os.environ) if environ is None else environ
+    known = env_names()
+    out = []
+    for name in sorted(environ):
+        if not name.startswith("APITALLY_") or name in known:
+            continue
+        # `APITALLY_PROXY_CLIENT_ID` and friends: the prefix added to a client's variable.
+        stripped = "APITALLY_" + name.removeprefix("APITALLY_PROXY_")
+        guess = stripped if stripped in known else None
+        if guess is None:
+            # Compared after the shared prefix, which would make every name look close.
+            prefix = "APITALLY_PROXY_" if name.startswith("APITALLY_PROXY_") else "APITALLY_"
+            tails = {k[len(prefix) :]: k for k in known if k.startswith(prefix)}
+            close = difflib.get_close_matches(name[len(prefix) :], tails, n=1, cutoff=0.75)
+            guess = tails[close[0]] if close else None
+        hint = f"; did you mean {guess}?" if guess else ""
+        out.append(f"environment variable {name} is not a setting of apitally-proxy{hint}")
+    return out
 
 
 def load_settings(cli_values: dict[str, Any] | None = None) -> Settings:
@@ -737,7 +781,10 @@ def load_settings(cli_values: dict[str, Any] | None = None) -> Settings:
             if err["type"] == "missing":
                 msg = "is required"
             elif err["type"] == "extra_forbidden":
-                problems.append(f"unknown setting {loc!r} in the config file; remove it")
+                close = difflib.get_close_matches(loc, Settings.model_fields, n=1, cutoff=0.6)
+                hint = f"; did you mean {close[0]!r}?" if close else "; remove it"
+                problems.append(f"unknown setting {loc!r} in {_config_file(values)}{hint}")
                 continue
-            problems.append(f"{_describe(field_name)}: {msg}" if field_name else f"{loc}: {msg}")
+            where = _describe(field_name, _config_file(values)) if field_name else loc
+            problems.append(f"{where}: {msg}")
         raise ConfigError("; ".join(problems)) from None

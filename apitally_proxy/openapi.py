@@ -59,6 +59,7 @@ MAX_EXPANDED_NODES = 2_000_000
 MAX_OPENAPI_STRING = 4_000_000
 FETCH_TIMEOUT = 5.0
 RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+MAX_PROBE_BACKOFF = 3600.0  # seconds between probes once another route source is in force
 
 _PATH_METHODS = {m.lower() for m in METHODS}
 
@@ -340,6 +341,9 @@ class RouteDiscovery:
 
     async def _run(self) -> None:
         attempt = 0
+        # With declared routes in force and no --openapi-url, a missing document is the
+        # normal case: look again at the steady pace, backing off, never in quick retries.
+        settled = bool(self._declared) and self._openapi_url is None
         while True:
             try:
                 fetched = await self.refresh_once()
@@ -352,6 +356,9 @@ class RouteDiscovery:
             if fetched:
                 attempt = 0
                 await self._wait_steady()
+            elif settled:
+                await asyncio.sleep(min(self._refresh * 2**attempt, MAX_PROBE_BACKOFF))
+                attempt += 1
             else:
                 # Quick retries while the app starts (or restarts), then the steady pace.
                 delay = RETRY_DELAYS[attempt] if attempt < len(RETRY_DELAYS) else self._refresh
@@ -416,6 +423,13 @@ class RouteDiscovery:
         self._on_change(route_set)
         return raw is not None
 
+    def _note(self, message: str) -> None:
+        """Not a problem: another route source is in force. Said once, at info level."""
+        self.last_error = None
+        if message != self._last_problem:
+            log.info("%s", message)
+            self._last_problem = message
+
     def _warn(self, problem: str) -> None:
         self.last_error = problem
         if problem != self._last_problem:  # once per distinct problem, not every retry
@@ -446,12 +460,18 @@ class RouteDiscovery:
                 self._found_at = path
                 return raw, path, hint
         if not self.has_document:
-            self._warn(
-                "no OpenAPI document found at "
-                + ", ".join(p for p, _ in PROBE_PATHS)
-                + " (set --openapi-url / APITALLY_PROXY_OPENAPI_URL, or declare `routes` "
-                "in the config file); using heuristic templates"
-            )
+            where = ", ".join(p for p, _ in PROBE_PATHS)
+            if self._declared:
+                self._note(
+                    f"no OpenAPI document found at {where}; using the declared routes "
+                    f"({len(self._declared)}), looking again in {self._refresh:.0f} s or later"
+                )
+            else:
+                self._warn(
+                    f"no OpenAPI document found at {where} (set --openapi-url / "
+                    "APITALLY_PROXY_OPENAPI_URL, or declare `routes` in the config file); "
+                    "using heuristic templates"
+                )
         return None, "", None
 
     async def _read_file(self, path: str) -> bytes | None:

@@ -347,10 +347,13 @@ class Worker:
             try:
                 await web.TCPSite(self._admin_runner, admin.host or None, admin.port).start()
             except OSError as exc:
-                # The admin endpoint is a convenience; traffic still flows without it.
-                log.error("cannot listen on admin address %s (%s); admin disabled", admin, exc)
+                # Another process would answer this proxy's health checks: refuse to run.
                 await self._admin_runner.cleanup()
                 self._admin_runner = None
+                raise ConfigError(
+                    f"cannot listen on admin address {admin} ({exc.strerror or exc}); set "
+                    "--admin-listen / APITALLY_PROXY_ADMIN_LISTEN to a free address, or `off`"
+                ) from None
         if self.request_log is not None:
             await self.request_log.start()
         # Traffic already flows; give the first route discovery a moment so the first

@@ -217,3 +217,67 @@ def test_unusable_state_dir_exits_2_naming_the_setting(tmp_path):
         tmp_path,
     )
     assert "--state-dir / APITALLY_PROXY_STATE_DIR" in line
+
+
+def test_a_config_file_typo_names_the_file_and_the_closest_key(tmp_path):
+    cfg = tmp_path / "p.toml"
+    cfg.write_text('upstream = "http://a:1"\nframwork = "flask"\n')
+    with pytest.raises(ConfigError) as exc:
+        load_settings({"config": str(cfg)})
+    assert str(exc.value) == (
+        f"unknown setting 'framwork' in the config file {cfg}; did you mean 'framework'?"
+    )
+
+
+def test_a_bad_value_in_the_config_file_names_the_file(tmp_path):
+    cfg = tmp_path / "p.toml"
+    cfg.write_text('upstream = "http://a:1"\nworkers = 0\n')
+    with pytest.raises(ConfigError, match=f"`workers` in the config file {cfg}"):
+        load_settings({"config": str(cfg)})
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        (
+            "APITALLY_PROXY_CLIENT_ID",
+            "environment variable APITALLY_PROXY_CLIENT_ID is not a setting of apitally-proxy; "
+            "did you mean APITALLY_CLIENT_ID?",
+        ),
+        (
+            "APITALLY_PROXY_FRAMWORK",
+            "environment variable APITALLY_PROXY_FRAMWORK is not a setting of apitally-proxy; "
+            "did you mean APITALLY_PROXY_FRAMEWORK?",
+        ),
+        (
+            "APITALLY_PROXY_WRITE_TOKEN",
+            "environment variable APITALLY_PROXY_WRITE_TOKEN is not a setting of "
+            "apitally-proxy; did you mean APITALLY_WRITE_TOKEN?",
+        ),
+        (
+            "APITALLY_SOMETHING",
+            "environment variable APITALLY_SOMETHING is not a setting of apitally-proxy",
+        ),
+    ],
+)
+def test_unknown_environment_variables_get_a_warning_with_the_right_name(name, message):
+    from apitally_proxy.config import environment_warnings
+
+    assert environment_warnings({name: "x", "APITALLY_PROXY_UPSTREAM": "http://a:1"}) == [message]
+
+
+def test_a_busy_admin_port_exits_2_unless_the_admin_server_is_off(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        args = ["--upstream", "http://127.0.0.1:1", "--listen", "127.0.0.1:0"]
+        line = run_cli_expecting_exit_2(
+            [*args, "--admin-listen", f"127.0.0.1:{port}", "--state-dir", str(tmp_path)], tmp_path
+        )
+    assert line.startswith(
+        f"apitally-proxy: error: cannot listen on admin address 127.0.0.1:{port}"
+    )
+    assert "--admin-listen / APITALLY_PROXY_ADMIN_LISTEN" in line and "`off`" in line

@@ -187,3 +187,26 @@ async def test_an_app_restarted_with_other_routes_is_re_read_and_re_announced(
         (None, "GET", "/items/{item_id}", 502): 1,  # while the app was away
         (None, "GET", "/items/{item_id:int}", 200): 1,
     }
+
+
+async def test_declared_routes_stop_the_openapi_probing_and_the_log_says_so(
+    upstream, start_proxy, tmp_path
+):
+    cfg = tmp_path / "routes.toml"
+    cfg.write_text('routes = ["GET /items/{id}"]\n')
+    proxy = await start_proxy(upstream.url, "--config", str(cfg))
+    await asyncio.sleep(4)  # the quick retries (1, 2 s…) would have probed 3 more rounds
+    status = await proxy.status()
+    assert status["routes"]["fetches"] <= 6  # one round over the six probe paths
+    assert status["routes"]["problem"] is None
+    assert "using the declared routes (1)" in proxy.log()
+    assert "using heuristic templates" not in proxy.log()
+
+
+async def test_environment_typos_are_warned_about_with_the_right_name(upstream, start_proxy):
+    proxy = await start_proxy(
+        upstream.url, env={"APITALLY_PROXY_CLIENT_ID": "x", "APITALLY_PROXY_FRAMWORK": "flask"}
+    )
+    log = proxy.log()
+    assert "APITALLY_PROXY_CLIENT_ID is not a setting of apitally-proxy; did you mean " in log
+    assert "did you mean APITALLY_PROXY_FRAMEWORK?" in log
