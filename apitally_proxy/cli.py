@@ -23,7 +23,10 @@ _BOOL_FIELDS = {"request_logging"}
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="apitally-proxy",
-        description="Sidecar reverse proxy that meters API traffic for Apitally.",
+        description="Sidecar reverse proxy that meters API traffic for Apitally. "
+        "`apitally-proxy check [flags]` says what would happen with these settings "
+        "(upstream, routes, credential, state dir, addresses) and exits non-zero on what "
+        "would break traffic.",
         epilog="Every flag has an environment variable (shown in brackets); CLI beats env beats "
         "the --config TOML file beats defaults.",
     )
@@ -132,6 +135,9 @@ def _supervise(argv: list[str], settings: Settings) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    check = bool(argv) and argv[0] == "check"  # `apitally-proxy check [flags]`: the preflight
+    if check:
+        argv = argv[1:]
     args = build_parser().parse_args(argv)
     _configure_logging(args.log_level)
     cli_values = {
@@ -142,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"apitally-proxy: error: {exc}", file=sys.stderr)
         return 2
+    if check:
+        from apitally_proxy.preflight import report
+
+        return report(settings)
     if args.worker_slot is None:  # once, not again in every worker
         for warning in environment_warnings():
             log.warning("%s", warning)
