@@ -316,7 +316,6 @@ class RouteDiscovery:
         self._last_problem: str | None = None
         # Where the route set in use came from; declared routes are in force from the start.
         self.source: str | None = "config" if declared else None
-        self.framework: str | None = framework
         self.last_error: str | None = None
         self.fetches = 0
 
@@ -412,7 +411,6 @@ class RouteDiscovery:
         for warning in route_set.warnings:
             log.warning("OpenAPI document at %s: %s", where, warning)
         self.source = where
-        self.framework = route_set.framework
         self.last_error = None
         log.info(
             "route templates from %s: %d routes, framework %s",

@@ -271,9 +271,6 @@ class ReverseProxy:
         """Requests re-sent after a stale pooled connection."""
         return self._pool.retries
 
-    async def start(self) -> None:
-        """Nothing to open in advance: the pool connects on first use."""
-
     async def close(self) -> None:
         await self._pool.close()
         await self._websockets.close()

@@ -289,7 +289,6 @@ class Worker:
 
     async def start(self, reuse_port: bool = False) -> None:
         s = self.settings
-        await self.proxy.start()
         server = _ProxyServer(
             self.proxy.handle,
             self.proxy.count_parser_refusal,

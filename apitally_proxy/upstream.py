@@ -163,7 +163,6 @@ class UpstreamPool:
         self._ssl = ssl.create_default_context() if upstream.scheme == "https" else None
         self._closed = False
         self._sweeper: asyncio.TimerHandle | None = None
-        self.opened = 0  # connections opened over the pool's life
         self.retries = 0  # requests re-sent after a stale pooled connection
         # The Host header for clients that sent none (HTTP/1.0).
         self.default_host = (
@@ -194,7 +193,6 @@ class UpstreamPool:
         except OSError as exc:
             key = ConnectionKey(up.host, up.port, bool(self._ssl), True, None, None, None)
             raise ClientConnectorError(key, exc) from exc
-        self.opened += 1
         return proto
 
     def _take_idle(self) -> _PooledProtocol | None:
