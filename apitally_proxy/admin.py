@@ -13,8 +13,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+
+from apitally_proxy.metering.prometheus import DURATION_BUCKETS, SIZE_BUCKETS, unpack
 
 StatusFn = Callable[[], dict[str, Any]]
 
@@ -70,6 +72,7 @@ class _ProxyCollector(Collector):
             "(401, 403) or never accepted it",
             value=s["consumer_unconfirmed"],
         )
+        yield from _histograms(s.get("histograms", {}))
         yield GaugeMetricFamily(
             "apitally_proxy_in_flight", "Requests being proxied now", value=s["in_flight"]
         )
@@ -98,12 +101,40 @@ class _ProxyCollector(Collector):
         )
 
 
+def _histograms(snapshot: dict[str, list[Any]]) -> Iterator[Any]:
+    labels = ["method", "route", "status"]
+    duration = HistogramMetricFamily(
+        "apitally_proxy_request_duration_seconds",
+        "Response time (to the response head) of metered requests, per route template",
+        labels=labels,
+    )
+    size = HistogramMetricFamily(
+        "apitally_proxy_response_size_bytes",
+        "Response body bytes of metered requests, per route template",
+        labels=labels,
+    )
+    for key, values in sorted(snapshot.items()):
+        names, d_counts, d_sum, s_counts, s_sum = unpack(key, values)
+        duration.add_metric(names, _cumulative(DURATION_BUCKETS, d_counts), d_sum)
+        size.add_metric(names, _cumulative(SIZE_BUCKETS, s_counts), s_sum)
+    yield duration
+    yield size
+
+
+def _cumulative(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, int]]:
+    out, total = [], 0
+    for bound, n in zip((*bounds, float("inf")), counts, strict=True):
+        total += n
+        out.append(("+Inf" if bound == float("inf") else str(bound), total))
+    return out
+
+
 def render_status_page(s: dict[str, Any]) -> str:
     """The HTML status page for one status snapshot (every value escaped)."""
     rows = "".join(
         f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
         for k, v in s.items()
-        if k != "recent_payloads"
+        if k not in ("recent_payloads", "histograms")  # on /metrics and /status.json
     )
     recent = "".join(
         f"<pre>{html.escape(orjson.dumps(p).decode(errors='replace'))}</pre>"

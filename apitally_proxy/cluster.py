@@ -18,6 +18,8 @@ from typing import Any
 
 import orjson
 
+from apitally_proxy.metering.prometheus import merge as merge_histograms
+
 log = logging.getLogger("apitally_proxy")
 
 PUBLISH_EVERY = 2.0
@@ -92,6 +94,7 @@ def merged_status(own: dict[str, Any], directory: Path, workers: int) -> dict[st
         **own,
         **{k: {str(code): n for code, n in own[k].items()} for k in SUMMED_MAPS},
         "hub": dict(own["hub"]),
+        "histograms": {k: list(v) for k, v in own.get("histograms", {}).items()},
     }
     seen = [own["worker_slot"]]
     now = time.time()
@@ -112,5 +115,6 @@ def merged_status(own: dict[str, Any], directory: Path, workers: int) -> dict[st
                 merged[key][code] = merged[key].get(code, 0) + n
         for key in HUB_SUMMED:
             merged["hub"][key] += other.get("hub", {}).get(key, 0)
+        merge_histograms(merged["histograms"], other.get("histograms", {}))
     merged["workers_reporting"] = sorted(seen)
     return merged

@@ -260,6 +260,7 @@ class Worker:
                 "fetches": self.discovery.fetches,
             },
             "consumer_overflow": self.meter.requests.consumer_overflow,
+            "histograms": self.meter.histograms.snapshot(),
             "consumer_unconfirmed": self.identity.unconfirmed if self.identity is not None else 0,
             "in_flight": self.proxy.in_flight,
             "upstream_errors": dict(self.proxy.upstream_errors),

@@ -455,3 +455,36 @@ async def test_one_drain_deadline_the_proxy_exits_within_shutdown_grace(
     assert counts[(None, "GET", "/slow", 503)] == 1  # cut by the proxy, said so
     assert (None, "GET", "/slow", 499) not in counts
     assert "cut by shutdown" in proxy.log()
+
+
+async def test_metrics_has_latency_and_size_histograms_per_route_template(
+    upstream, http, start_proxy
+):
+    proxy = await start_proxy(upstream.url)
+    for i in range(3):
+        async with http.get(f"{proxy.url}/items/{i}") as r:
+            await r.read()
+    async with http.get(f"{proxy.url}/status/503") as r:
+        await r.read()
+    await proxy.wait_status(lambda st: st["requests_total"] == 4)
+    async with aiohttp.ClientSession() as s, s.get(proxy.admin_url + "/metrics") as r:
+        text = await r.text()
+    labels = 'method="GET",route="/items/{id}",status="200"'
+    assert f'apitally_proxy_request_duration_seconds_bucket{{le="+Inf",{labels}}} 3.0' in text
+    assert f"apitally_proxy_request_duration_seconds_count{{{labels}}} 3.0" in text
+    assert f'apitally_proxy_response_size_bytes_bucket{{le="100",{labels}}} 3.0' in text
+    assert 'route="/status/{id}",status="503"' in text
+
+
+def test_route_histograms_are_bounded_and_merge_across_workers():
+    from apitally_proxy.metering.prometheus import OTHER_ROUTE, RouteHistograms, merge
+
+    h = RouteHistograms(max_series=2)
+    for i in range(5):
+        h.observe("GET", f"/r{i}", 200, 0.002, 10)
+    snap = h.snapshot()
+    assert set(snap) == {"GET 200 /r0", "GET 200 /r1", f"GET 200 {OTHER_ROUTE}"}
+    assert h.overflow == 3
+    total = {k: list(v) for k, v in snap.items()}
+    merge(total, snap)
+    assert total["GET 200 /r0"][0] == 2  # the 5 ms bucket, once from each "worker"

@@ -8,6 +8,7 @@ from typing import Any, Protocol
 from apitally_proxy.metering.consumers import ConsumerRegistry, parse_consumer
 from apitally_proxy.metering.histograms import HistogramCounter
 from apitally_proxy.metering.identity import ConsumerIdentity
+from apitally_proxy.metering.prometheus import RouteHistograms
 from apitally_proxy.metering.requests import RequestCounter
 from apitally_proxy.metering.validation import (
     VALIDATION_STATUSES,
@@ -72,6 +73,7 @@ class Meter:
         self.consumers = ConsumerRegistry(max_size=max_consumers)
         self.route_overrides = RouteOverrides()
         self.validation_errors = ValidationErrorCounter(max_keys=max_consumers)
+        self.histograms = RouteHistograms()  # lifetime, for Prometheus
         # Lifetime figures for the admin endpoint (never reset).
         self.recorded = 0
         self.unmatched = 0
@@ -126,6 +128,7 @@ class Meter:
             ex.request_size,
             ex.response_size,
         )
+        self.histograms.observe(ex.method, template, ex.status, ex.response_time, ex.response_size)
         body = ex.response_body
         if body is not None and ex.status in VALIDATION_STATUSES and not body.overflow:
             rh = ex.response_headers
