@@ -485,16 +485,10 @@ class Settings(BaseSettings):
         # stop traffic (see hub_problem).
         return v.strip().rstrip("/")
 
-    @field_validator("admin_allowed_hosts", mode="before")
+    @field_validator("trusted_proxies", "admin_allowed_hosts", mode="before")
     @classmethod
-    def _split_hosts(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            return [p.strip() for p in v.split(",") if p.strip()]
-        return v
-
-    @field_validator("trusted_proxies", mode="before")
-    @classmethod
-    def _split_trusted(cls, v: Any) -> Any:
+    def _split_comma_list(cls, v: Any) -> Any:
+        """Lists given in the environment are comma-separated."""
         if isinstance(v, str):
             return [p.strip() for p in v.split(",") if p.strip()]
         return v

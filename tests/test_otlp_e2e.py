@@ -160,6 +160,19 @@ async def test_the_server_sets_the_export_interval(otlp, upstream, start_proxy):
     assert len(otlp.gauges()) <= 3
 
 
+async def logging_proxy(start_proxy, upstream, otlp, config):
+    """A proxy exporting OTLP every 0.3 s with request logging on, as `config` says."""
+    return await start_proxy(
+        upstream.url,
+        "--sync-interval",
+        "0.3",
+        "--request-logging",
+        "--config",
+        str(config),
+        env=otlp_env(otlp),
+    )
+
+
 async def test_request_logs_are_server_spans_redacted_as_apitally_1x(
     otlp, upstream, http, start_proxy, tmp_path
 ):
@@ -168,15 +181,7 @@ async def test_request_logs_are_server_spans_redacted_as_apitally_1x(
         "[request_log]\nlog_request_headers = true\nlog_request_body = true\n"
         "log_response_body = true\n"
     )
-    proxy = await start_proxy(
-        upstream.url,
-        "--sync-interval",
-        "0.3",
-        "--request-logging",
-        "--config",
-        str(cfg),
-        env=otlp_env(otlp),
-    )
+    proxy = await logging_proxy(start_proxy, upstream, otlp, cfg)
     headers = {"Authorization": "Bearer s3cret", "X-Note": "kept", "User-Agent": "agent/1"}
     body = b'{"name": "pen", "password": "hunter2", "nested": {"token": "t", "n": 1}}'
     async with http.post(
@@ -220,15 +225,7 @@ async def test_request_logs_are_server_spans_redacted_as_apitally_1x(
 async def test_sample_rate_thins_spans_never_metrics(otlp, upstream, http, start_proxy, tmp_path):
     cfg = tmp_path / "log.toml"
     cfg.write_text("[request_log]\nsample_rate = 0.0\n")
-    proxy = await start_proxy(
-        upstream.url,
-        "--sync-interval",
-        "0.3",
-        "--request-logging",
-        "--config",
-        str(cfg),
-        env=otlp_env(otlp),
-    )
+    proxy = await logging_proxy(start_proxy, upstream, otlp, cfg)
     for i in range(20):
         await get(http, f"{proxy.url}/items/{i}")
     assert await proxy.stop() == 0

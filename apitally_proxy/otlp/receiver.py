@@ -209,12 +209,18 @@ class RecordingReceiver:
         return out
 
     async def wait_for(self, predicate, timeout: float = 10.0) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not predicate():
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise TimeoutError(f"OTLP receiver: condition not met in {timeout} s")
-            self.changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), min(remaining, 0.2))
+        await wait_until(self.changed, predicate, timeout, "OTLP receiver")
+
+
+async def wait_until(changed: asyncio.Event, predicate: Any, timeout: float, who: str) -> None:
+    """Until `predicate()` holds, re-checked whenever `changed` is set (or every 0.2 s);
+    TimeoutError naming `who` after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise TimeoutError(f"{who}: condition not met in {timeout} s")
+        changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), min(remaining, 0.2))

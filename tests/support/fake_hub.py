@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gzip
 import re
 from dataclasses import dataclass, field
@@ -11,6 +10,8 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+
+from apitally_proxy.otlp.receiver import wait_until
 
 PATH = re.compile(r"^/v2/(?P<client_id>[^/]+)/(?P<env>[^/]+)/(?P<kind>startup|sync|log)$")
 
@@ -113,12 +114,9 @@ class FakeHub:
         return [r for p in self.accepted("sync") for r in p["requests"]]
 
     async def wait_for(self, predicate, timeout: float = 10.0) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not predicate():
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise AssertionError(f"fake hub: condition not met in {timeout} s: {self.calls!r}")
-            self.changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), min(remaining, 0.2))
+        try:
+            await wait_until(self.changed, predicate, timeout, "fake hub")
+        except TimeoutError:
+            raise AssertionError(
+                f"fake hub: condition not met in {timeout} s: {self.calls!r}"
+            ) from None
