@@ -77,11 +77,23 @@ class _ProxyCollector(Collector):
             "apitally_proxy_in_flight", "Requests being proxied now", value=s["in_flight"]
         )
         hub = s["hub"]
+        # The apitally_proxy_hub_* families speak of whichever destination is in use.
+        mode = GaugeMetricFamily(
+            "apitally_proxy_export_mode",
+            "1 for where payloads go: otlp (Apitally 1.x), hub (0.x), collector or local",
+            labels=["mode"],
+        )
+        mode.add_metric([hub["mode"]], 1)
+        yield mode
         yield GaugeMetricFamily(
-            "apitally_proxy_hub_queue", "Sync payloads waiting for delivery", value=hub["queued"]
+            "apitally_proxy_hub_queue",
+            "Payloads (hub syncs or OTLP exports) waiting for delivery",
+            value=hub["queued"],
         )
         yield CounterMetricFamily(
-            "apitally_proxy_hub_payloads_sent", "Payloads accepted", value=hub["sent"]
+            "apitally_proxy_hub_payloads_sent",
+            "Payloads accepted by the destination (or written, in local mode)",
+            value=hub["sent"],
         )
         dropped = CounterMetricFamily(
             "apitally_proxy_hub_payloads_dropped", "Payloads dropped", labels=["reason"]

@@ -59,6 +59,13 @@ async def test_every_export_is_authenticated_gzip_protobuf_with_the_env(
     assert TOKEN not in proxy.log()
 
 
+async def test_metrics_say_where_payloads_go(otlp, upstream, start_proxy):
+    proxy = await start_proxy(upstream.url, env=otlp_env(otlp))
+    async with aiohttp.ClientSession() as s, s.get(proxy.admin_url + "/metrics") as r:
+        text = await r.text()
+    assert 'apitally_proxy_export_mode{mode="otlp"} 1.0' in text
+
+
 async def test_an_idle_proxy_exports_its_heartbeat_every_interval(otlp, upstream, start_proxy):
     proxy = await start_proxy(upstream.url, "--sync-interval", "0.3", env=otlp_env(otlp))
     await otlp.wait_for(lambda: len(otlp.gauges()) >= 5, timeout=10)
