@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import time
 from pathlib import Path
 
 import orjson
@@ -155,20 +153,18 @@ def test_yaml_alias_bombs_are_refused():
     for i in range(1, 12):
         prev = f"*a{i - 1}"
         lines.append(f"a{i}: &a{i} [{', '.join([prev] * 9)}]")
-    started = time.perf_counter()
-    with pytest.raises(DocumentError, match="alias"):
+    # 9**12 nodes once expanded: refused by the expansion budget, which bounds
+    # the work by construction (no wall-clock assertion: CI machines are noisy).
+    with pytest.raises(DocumentError, match=r"expands to more than \d+ nodes \(alias bomb"):
         load_document("\n".join(lines).encode())
-    assert time.perf_counter() - started < 1.0
 
 
-def test_thousands_of_paths_are_cut_with_a_warning_in_bounded_time():
+def test_thousands_of_paths_are_cut_with_a_warning():
     doc = {
         "openapi": "3.0.0",
         "paths": {f"/r{i}/{{id}}": {"get": {}, "post": {}} for i in range(20_000)},
     }
-    started = time.perf_counter()
     rs = compile_doc(doc, "fastapi")
-    assert time.perf_counter() - started < 5.0
     assert len(rs.table) == MAX_ROUTES
     assert rs.warnings and "20000 paths" in rs.warnings[0]
 
@@ -300,28 +296,29 @@ async def test_an_explicit_openapi_path_on_the_app_is_fetched_from_the_upstream(
     assert "no OpenAPI document at /api/missing" in caplog.text
 
 
-async def test_a_slow_document_does_not_slow_the_event_loop():
-    # A big document: parsed off the loop, so a ticking timer barely notices.
+async def test_a_big_document_is_parsed_off_the_event_loop(monkeypatch):
+    # Parsing a few MB takes a while: it must run in a worker thread, never on
+    # the loop that serves traffic. Checked by thread identity, not by timing.
+    import threading
+
+    from apitally_proxy import openapi
+
     doc = {"openapi": "3.0.0", "paths": {f"/p{i}/{{x}}": {"get": {}} for i in range(4000)}}
     for i in range(4000):
         doc["paths"][f"/p{i}/{{x}}"]["get"]["description"] = "y" * 1000
+    parsed_in: list[int] = []
+    real_load = openapi.load_document
+
+    def spying_load(raw):
+        parsed_in.append(threading.get_ident())
+        return real_load(raw)
+
+    monkeypatch.setattr(openapi, "load_document", spying_load)
     app = doc_app({"/openapi.json": (200, orjson.dumps(doc))})
     runner, url = await serve(app)
-    worst = 0.0
-
-    async def ticker() -> None:
-        nonlocal worst
-        loop = asyncio.get_running_loop()
-        while True:
-            t = loop.time()
-            await asyncio.sleep(0.005)
-            worst = max(worst, loop.time() - t)
-
-    tick = asyncio.ensure_future(ticker())
     try:
         (rs,) = await discover(url)
     finally:
-        tick.cancel()
         await runner.cleanup()
     assert len(rs.table) == 4000
-    assert worst < 0.25
+    assert parsed_in and threading.get_ident() not in parsed_in
