@@ -1,12 +1,10 @@
-"""The admin server: health, Prometheus metrics and a status page."""
+"""The admin server: health, Prometheus metrics, the dashboard and its JSON."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import html
 import ipaddress
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -14,26 +12,8 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 
+from apitally_proxy.dashboard import CONTENT_SECURITY_POLICY, build_view, render_main, render_page
 from apitally_proxy.exposition import ProxyCollector, StatusFn
-
-
-def render_status_page(s: dict[str, Any]) -> str:
-    """The HTML status page for one status snapshot (every value escaped)."""
-    rows = "".join(
-        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
-        for k, v in s.items()
-        if k not in ("recent_payloads", "histograms")  # on /metrics and /status.json
-    )
-    recent = "".join(
-        f"<pre>{html.escape(orjson.dumps(p).decode(errors='replace'))}</pre>"
-        for p in reversed(s.get("recent_payloads", []))
-    )
-    return (
-        "<!doctype html><title>apitally-proxy status</title>"
-        f"<h1>apitally-proxy</h1><p>{time.strftime('%Y-%m-%d %H:%M:%S')}</p>"
-        f"<table>{rows}</table><h2>Recent payloads</h2>{recent or '<p>none yet</p>'}"
-    )
-
 
 # Probes need no credential (orchestrators call them); everything else may want one.
 OPEN_PATHS = frozenset({"/health", "/healthz"})
@@ -90,8 +70,10 @@ def build_admin_app(
     ready: Callable[[], bool],
     allowed_hosts: frozenset[str] = frozenset(),
     token: str | None = None,
+    dashboard: StatusFn | None = None,
 ) -> web.Application:
-    """The admin application; `status` returns the live state as a dict.
+    """The admin application; `status` returns the live state as a dict, `dashboard`
+    the same with the last minutes of traffic (`recent`) for the dashboard.
 
     Requests must name an acceptable Host (see `host_allowed`); with `token`, every
     endpoint but the health probes wants `Authorization: Bearer <token>`.
@@ -130,9 +112,29 @@ def build_admin_app(
         )
         return web.Response(body=body, content_type="application/json")
 
+    dashboard_status = dashboard or status
+
+    async def dashboard_json(request: web.Request) -> web.Response:
+        snapshot = dashboard_status()
+        body = await asyncio.to_thread(
+            lambda: orjson.dumps(build_view(snapshot), option=orjson.OPT_INDENT_2)
+        )
+        return web.Response(body=body, content_type="application/json")
+
     async def status_page(request: web.Request) -> web.Response:
-        page = await asyncio.to_thread(render_status_page, status())
-        return web.Response(text=page, content_type="text/html")
+        snapshot = dashboard_status()
+        render = render_main if request.query.get("part") == "main" else render_page
+        page = await asyncio.to_thread(lambda: render(build_view(snapshot)))
+        return web.Response(
+            text=page,
+            content_type="text/html",
+            headers={
+                "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+                "Cache-Control": "no-store",
+                "X-Content-Type-Options": "nosniff",
+                "Referrer-Policy": "no-referrer",
+            },
+        )
 
     app = web.Application(middlewares=[_guard(frozenset(h.lower() for h in allowed_hosts), token)])
     app.router.add_get("/health", health)
@@ -140,5 +142,6 @@ def build_admin_app(
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/status", status_page)
     app.router.add_get("/status.json", status_json)
+    app.router.add_get("/dashboard.json", dashboard_json)
     app.router.add_get("/", status_page)
     return app

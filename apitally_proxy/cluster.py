@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from apitally_proxy.metering.prometheus import merge as merge_histograms
+from apitally_proxy.metering.recent import merge as merge_recent
 
 log = logging.getLogger("apitally_proxy")
 
@@ -42,6 +43,7 @@ HUB_SUMMED = (
     "dropped_expired",
     "dropped_spool_full",
     "unencodable",
+    "spool_bytes",
 )
 
 
@@ -96,6 +98,8 @@ def merged_status(own: dict[str, Any], directory: Path, workers: int) -> dict[st
         "hub": dict(own["hub"]),
         "histograms": {k: list(v) for k, v in own.get("histograms", {}).items()},
     }
+    if "recent" in own:  # the dashboard's view; a snapshot of its own, safe to add into
+        merged["recent"] = own["recent"]
     seen = [own["worker_slot"]]
     now = time.time()
     for slot in range(workers):
@@ -114,7 +118,9 @@ def merged_status(own: dict[str, Any], directory: Path, workers: int) -> dict[st
             for code, n in other.get(key, {}).items():
                 merged[key][code] = merged[key].get(code, 0) + n
         for key in HUB_SUMMED:
-            merged["hub"][key] += other.get("hub", {}).get(key, 0)
+            merged["hub"][key] = merged["hub"].get(key, 0) + other.get("hub", {}).get(key, 0)
         merge_histograms(merged["histograms"], other.get("histograms", {}))
+        if "recent" in merged and "recent" in other:
+            merge_recent(merged["recent"], other["recent"])
     merged["workers_reporting"] = sorted(seen)
     return merged

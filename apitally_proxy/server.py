@@ -278,6 +278,7 @@ class Worker:
                 "dropped_expired": self.sync.dropped_expired,
                 "dropped_spool_full": self.sync.dropped_full,
                 "unencodable": self.spool.unencodable,
+                "spool_bytes": self.spool.size_bytes(),
                 "recovered_after_crash": self.sync.recovered,
                 "spool_dir": str(self.spool.directory),
                 "last_sync": self.sync.last_sync,
@@ -287,6 +288,10 @@ class Worker:
             "recent_payloads": list(getattr(self.transport, "recent", [])),
             "request_log": self.request_log.status() if self.request_log is not None else None,
         }
+
+    def dashboard_status(self) -> dict[str, Any]:
+        """`status()` plus the last minutes of traffic (for the dashboard; not on /metrics)."""
+        return {**self.status(), "recent": self.meter.recent.snapshot()}
 
     async def start(self, reuse_port: bool = False) -> None:
         s = self.settings
@@ -324,15 +329,20 @@ class Worker:
         status_dir = self.lease.path.parent
         if s.workers > 1 and self.slot > 0:
             # Worker 0 serves the admin endpoints for everyone from these files.
-            self._publisher = StatusPublisher(status_path(status_dir, self.slot), self.status)
+            self._publisher = StatusPublisher(
+                status_path(status_dir, self.slot), self.dashboard_status
+            )
             self._publisher.start()
         if admin is not None and self.slot == 0:
             _warn_if_exposed(admin.host, s.admin_token is not None)
-            status = self.status
+            status, dashboard = self.status, self.dashboard_status
             if s.workers > 1:
 
                 def status() -> dict[str, Any]:
                     return merged_status(self.status(), status_dir, s.workers)
+
+                def dashboard() -> dict[str, Any]:
+                    return merged_status(self.dashboard_status(), status_dir, s.workers)
 
             self._admin_runner = web.AppRunner(
                 build_admin_app(
@@ -340,6 +350,7 @@ class Worker:
                     lambda: self.ready,
                     frozenset(s.admin_allowed_hosts),
                     s.admin_token,
+                    dashboard,
                 ),
                 access_log=None,
             )

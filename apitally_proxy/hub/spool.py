@@ -89,6 +89,10 @@ class Spool:
         out.sort(key=lambda e: e.path.name)
         return out
 
+    def size_bytes(self) -> int:
+        """Bytes of payloads waiting on disk."""
+        return sum(e.size for e in self.entries())
+
     def put(self, payload: dict[str, Any]) -> SpoolEntry:
         """Make a payload durable; enforce the byte bound by dropping the oldest."""
         data, problems = dumps_lenient(payload)

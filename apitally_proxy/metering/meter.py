@@ -9,6 +9,7 @@ from apitally_proxy.metering.consumers import ConsumerRegistry, parse_consumer
 from apitally_proxy.metering.histograms import HistogramCounter
 from apitally_proxy.metering.identity import ConsumerIdentity
 from apitally_proxy.metering.prometheus import RouteHistograms
+from apitally_proxy.metering.recent import RecentWindow
 from apitally_proxy.metering.requests import RequestCounter
 from apitally_proxy.metering.validation import (
     VALIDATION_STATUSES,
@@ -74,6 +75,7 @@ class Meter:
         self.route_overrides = RouteOverrides()
         self.validation_errors = ValidationErrorCounter(max_keys=max_consumers)
         self.histograms = RouteHistograms()  # lifetime, for Prometheus
+        self.recent = RecentWindow()  # the last minutes, for the dashboard
         # Lifetime figures for the admin endpoint (never reset).
         self.recorded = 0
         self.unmatched = 0
@@ -93,6 +95,7 @@ class Meter:
         )
         if template is None:
             self.unmatched += 1
+            self.recent.observe_unmatched()
             if headers is not None and ex.log:
                 # Not counted, but its request log names the consumer the app gave.
                 unmatched = parse_consumer(headers.get(HEADER_CONSUMER))
@@ -117,6 +120,8 @@ class Meter:
         if consumer is not None:
             consumer_id = consumer.identifier
             self.consumers.add_or_update(consumer)
+            if consumer.name is not None or consumer.group is not None:
+                self.recent.name_consumer(consumer_id, consumer.name, consumer.group)
         ex.template = template
         ex.consumer = consumer_id
         self.requests.add_request(
@@ -129,6 +134,9 @@ class Meter:
             ex.response_size,
         )
         self.histograms.observe(ex.method, template, ex.status, ex.response_time, ex.response_size)
+        self.recent.observe(
+            ex.method, template, ex.status, consumer_id, ex.response_time, ex.response_size
+        )
         body = ex.response_body
         if body is not None and ex.status in VALIDATION_STATUSES and not body.overflow:
             rh = ex.response_headers
@@ -147,6 +155,7 @@ class Meter:
                 self.validation_errors.add_validation_errors(
                     consumer_id, ex.method, template, errors
                 )
+                self.recent.observe_validation_errors(ex.method, template, errors)
 
     def peek(self) -> dict[str, Any]:
         """The aggregates of the open interval, leaving them in place (for checkpoints)."""
