@@ -3,13 +3,23 @@
 #   docker build -t apitally-proxy .
 #   docker run -e APITALLY_PROXY_UPSTREAM=http://app:8000 -p 8080:8080 apitally-proxy
 #
+# Without Docker: scripts/build-image (buildah) and scripts/smoke-image; see docs/image.md.
+#
 # Single stage on purpose: the package is pure Python and every dependency ships a
 # manylinux wheel, so there is nothing to compile and no build toolchain to leave behind.
-FROM python:3.11-slim
 
+# Any Debian-based image with python3 (3.11+) and its venv module will do, e.g. the
+# debootstrap'd bookworm scripts/build-image makes when no registry can be reached.
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
+
+# The proxy lives in its own virtualenv, first on PATH (the entrypoint and the health
+# check's `python` come from it): the same on python:3.11-slim and on Debian's python3,
+# whose system Python is "externally managed" (PEP 668) and has no pip.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/apitally-proxy/bin:$PATH
 
 # A fixed numeric id, so Kubernetes' runAsNonRoot can verify it without a passwd lookup.
 RUN groupadd --system --gid 10001 apitally \
@@ -20,7 +30,13 @@ WORKDIR /src
 # README.md* so the build still works before a README exists (pyproject names it).
 COPY pyproject.toml README.md* ./
 COPY apitally_proxy ./apitally_proxy
-RUN pip install --no-cache-dir . \
+# Behind a proxy that intercepts TLS, pass its CA bundle as the build secret "ca"
+# (--secret id=ca,src=/etc/ssl/certs/ca-certificates.crt): pip trusts it for this
+# step only, and it is in no layer. Without the secret pip uses the image's CAs.
+RUN --mount=type=secret,id=ca \
+    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
+ && python3 -m venv /opt/apitally-proxy \
+ && /opt/apitally-proxy/bin/pip install --no-cache-dir . \
  && rm -rf /src
 
 # Instance ids, the undelivered-payload spool and local-mode output live here; a volume
