@@ -191,7 +191,11 @@ def _route_source(routes: dict[str, Any]) -> str:
     elif source:
         text = f"{count} routes from the OpenAPI document at {source}"
     else:
-        text = "no route list: templates are inferred from traffic (ids become {id})"
+        learned = routes.get("learned_positions") or 0
+        text = (
+            f"no route list: {routes.get('templates_seen') or 0} templates inferred from traffic "
+            f"(ids become {{id}}; {learned} positions learned from distinct values)"
+        )
     if framework:
         text += f"; framework {framework}"
     return text

@@ -7,10 +7,12 @@ Two ways to get there:
   request. Literal segments beat parameters, a path that matches no route is
   `None` (not counted, like the official clients).
 - Without any route source, heuristics: id-like segments (integers, UUIDs, long
-  hex, ULIDs, long mixed tokens) become parameters, so `/items/42` and
-  `/items/43` are one endpoint. A per-method cap on distinct templates keeps
-  hostile random paths from growing memory: past it, paths go to one overflow
-  bucket, and the overflow is counted.
+  hex, ULIDs, ids of mixed shape, e-mail-like and dotted values) become
+  parameters, so `/items/42` and `/items/43` are one endpoint, and positions
+  where many distinct words appear are learned as parameters (`learning.py`).
+  A per-method cap on distinct templates keeps hostile random paths from
+  growing memory: past it, paths go to one overflow bucket, and the overflow is
+  counted.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from urllib.parse import unquote
 
+from apitally_proxy.learning import TemplateLearner
 from apitally_proxy.text import header_text, strip_controls
 
 OVERFLOW_TEMPLATE = "/{overflow}"
@@ -38,8 +41,19 @@ _ID_SEGMENT = re.compile(
     | [0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}  # UUID
     | [0-9a-fA-F]{16,}                                              # long hex (hashes, object ids)
     | [0-9A-HJKMNP-TV-Z]{26}                                        # ULID
-    # long token mixing letters and digits
+    # long token mixing letters and digits (base64url too)
     | (?=[A-Za-z_\-]*\d)(?=[0-9_\-]*[A-Za-z])[A-Za-z0-9_\-]{20,}
+    # ids of mixed shape: a short prefix and a number (u-1, ord_77, u42), three or more
+    # parts with a digit (ord-2024-0001), or parts mixing letters and digits (cus_9s8d7f)
+    | [A-Za-z]{1,4}[-_]\d+ | [A-Za-z]{1,3}\d{2,}
+    | (?=[^/]*\d)[A-Za-z0-9]+(?:[-_][A-Za-z0-9]+){2,}
+    | (?=[^/]*(?:[A-Za-z]\d|\d[A-Za-z]))[A-Za-z0-9]+(?:[-_][A-Za-z0-9]+)+
+    | (?=[^/]*\d)(?=[^/]*[A-Z])(?=[^/]*[a-z])[A-Za-z0-9_\-]{10,}   # mixed-case token
+    | [^/@\s]+@[^/@\s]+\.[^/@\s]+                                  # e-mail-like
+    # dotted values (john.doe, 1.2.3, example.com), but not file names (openapi.json)
+    | [A-Za-z0-9_\-]+(?:\.[A-Za-z0-9_\-]+){2,}
+    | [A-Za-z0-9_\-]+\.(?!(?:json|html?|xml|txt|ya?ml|js|css|png|jpe?g|gif|svg|ico|csv|pdf
+        |php|gz|zip|map|md)$)[A-Za-z0-9_\-]+
     | [^/]*%[0-9a-fA-F]{2}[^/]*                                     # percent-encoded values
     """,
     re.VERBOSE,
@@ -299,8 +313,12 @@ class RouteTable:
             node.methods = {}
         node.methods.setdefault(method, template)
 
-    def match(self, method: str, path: str) -> str | None:
-        """The template of the route serving `method path` (raw path), or None."""
+    def match(self, method: str, path: str, loose: bool = False) -> str | None:
+        """The template of the route serving `method path` (raw path), or None.
+
+        `loose`: typed parameters take any value (the app rejected this one with a
+        validation error, so its router did route it).
+        """
         rules = self.rules
         if "%" in path:
             if rules.decode_per_segment:
@@ -313,9 +331,9 @@ class RouteTable:
             segs.pop()
         if len(segs) > MAX_SEGMENTS + 2:
             return None
-        found = _walk(self._root, segs, 1, method)
+        found = _walk(self._root, segs, 1, method, loose)
         if found is None and method == "HEAD" and rules.head_from_get:
-            found = _walk(self._root, segs, 1, "GET")
+            found = _walk(self._root, segs, 1, "GET", loose)
         return found
 
     def paths(self, framework: str | None = None) -> list[dict[str, str]]:
@@ -344,7 +362,7 @@ def _child(children: list, check: Callable[[str], object] | None) -> _Node:
     return node
 
 
-def _walk(node: _Node, segs: list[str], i: int, method: str) -> str | None:
+def _walk(node: _Node, segs: list[str], i: int, method: str, loose: bool) -> str | None:
     if i == len(segs):
         methods = node.methods
         if methods is not None:
@@ -358,18 +376,18 @@ def _walk(node: _Node, segs: list[str], i: int, method: str) -> str | None:
     seg = segs[i]
     child = node.literals.get(seg)
     if child is not None:
-        found = _walk(child, segs, i + 1, method)
+        found = _walk(child, segs, i + 1, method, loose)
         if found is not None:
             return found
     if seg:
         for check, child in node.params:
-            if check is None or check(seg):
-                found = _walk(child, segs, i + 1, method)
+            if check is None or loose or check(seg):
+                found = _walk(child, segs, i + 1, method, loose)
                 if found is not None:
                     return found
         for check, child in node.patterns:
             if check(seg):
-                found = _walk(child, segs, i + 1, method)
+                found = _walk(child, segs, i + 1, method, loose)
                 if found is not None:
                     return found
     rest = node.rest
@@ -407,23 +425,32 @@ def declared_routes(entries: Iterable[str]) -> list[Route]:
 
 
 MAX_CACHED_PATH = 256  # longer paths are templated on every request, never cached
+MAX_TAUGHT = 50_000  # distinct shaped paths taught to the learner
 
 
 class RouteResolver:
-    """Resolves request paths to templates: the route table when known, else heuristics."""
+    """Resolves request paths to templates: the route table when known, else heuristics
+    (shape rules, then positions learned from traffic)."""
 
     def __init__(
         self, max_templates_per_method: int = 1000, cache_size: int = 10_000, base_path: str = ""
     ) -> None:
         self._max_templates = max_templates_per_method
         self._cache_size = cache_size
-        self._cache: dict[str, str] = {}
+        self._cache: dict[str, str] = {}  # raw path -> shaped template
+        self._mapped: dict[str, str] = {}  # shaped -> learned template (reset on learning)
+        self._taught: set[str] = set()
         self._templates: dict[str, set[str]] = {}
         # The app sees base_path + path (the upstream URL's prefix), and its routes say so.
         self._base_path = base_path
         self.table: RouteTable | None = None
         self.framework: str | None = None
+        self.learner = TemplateLearner()
         self.overflow = 0
+        # Templates handed out before a position was learned -> what they are now; the
+        # meter merges the open interval's aggregates with it before a sync.
+        self._renames: dict[str, str] = {}
+        self.learned_changed = False
 
     def use_table(self, table: RouteTable | None, framework: str | None = None) -> bool:
         """Switch to a route table (None: back to heuristics); True if `paths()` changed."""
@@ -432,23 +459,44 @@ class RouteResolver:
         self.framework = framework
         return self.paths() != before
 
-    def resolve(self, method: str, path: str, learn: bool = True) -> str | None:
+    def resolve(
+        self, method: str, path: str, learn: bool = True, loose: bool = False
+    ) -> str | None:
         """The template to count this request under; None when it matches no route.
 
-        With heuristics, `learn=False` (the app answered 404/405: likely no such
-        route) resolves only to templates already seen, so scanners cannot fill the
-        per-method cap and push real endpoints first seen later into the overflow.
+        With heuristics, `learn=False` (the app answered 404/405 or a validation
+        error: no proof of a route) resolves only to templates already seen, so
+        scanners cannot fill the per-method cap and push real endpoints first seen
+        later into the overflow. `loose` (a validation error): a value the app
+        rejected counts under the route whose parameter it was sent for.
         """
         table = self.table
         if table is not None:
-            return table.match(method, self._base_path + path if self._base_path else path)
-        template = self._cache.get(path)
-        if template is None:
-            template = template_segments(path)
+            full = self._base_path + path if self._base_path else path
+            found = table.match(method, full)
+            if found is None and loose:
+                found = table.match(method, full, loose=True)
+            return found
+        shaped = self._cache.get(path)
+        if shaped is None:
+            shaped = template_segments(path)
             if len(path) <= MAX_CACHED_PATH:  # hostile long paths would pin memory
                 if len(self._cache) >= self._cache_size:
                     self._cache.clear()
-                self._cache[path] = template
+                self._cache[path] = shaped
+        if learn and shaped not in self._taught and len(self._taught) < MAX_TAUGHT:
+            self._taught.add(shaped)
+            if self.learner.teach(shaped):
+                self._learned()
+        if loose:
+            template = self.learner.apply(shaped, loose=True)
+        else:
+            template = self._mapped.get(shaped)
+            if template is None:
+                template = self.learner.apply(shaped)
+                if len(self._mapped) >= self._cache_size:
+                    self._mapped.clear()
+                self._mapped[shaped] = template
         seen = self._templates.get(method)
         if seen is None:
             seen = self._templates[method] = set()
@@ -460,6 +508,32 @@ class RouteResolver:
                 return OVERFLOW_TEMPLATE
             seen.add(template)
         return template
+
+    def _learned(self) -> None:
+        """A position became a parameter: templates seen so far are renamed to match."""
+        self._mapped.clear()
+        self.learned_changed = True
+        for method, seen in self._templates.items():
+            renamed = set()
+            for template in seen:
+                now = self.learner.apply(template)
+                if now != template:
+                    self._renames[template] = now
+                renamed.add(now)
+            self._templates[method] = renamed
+        # A chain (a -> b, then b -> c) resolves to the latest name.
+        for old, new in self._renames.items():
+            self._renames[old] = self.learner.apply(new)
+
+    @property
+    def templates_seen(self) -> int:
+        """Distinct (method, template) pairs handed out by the heuristics."""
+        return sum(len(seen) for seen in self._templates.values())
+
+    def take_renames(self) -> dict[str, str]:
+        """Templates renamed by learning since the last call (old -> new)."""
+        renames, self._renames = self._renames, {}
+        return renames
 
     def paths(self) -> list[dict[str, str]]:
         """The route set (or templates seen so far), in the startup payload's `paths` shape."""

@@ -35,8 +35,13 @@ KEY = "sk_live_0123456789abcdef0123456789abcdef"
 class _Resolver:
     framework = None
 
-    def resolve(self, method: str, path: str) -> str | None:
+    def resolve(
+        self, method: str, path: str, learn: bool = True, loose: bool = False
+    ) -> str | None:
         return "/items/{id}"
+
+    def take_renames(self) -> dict[str, str]:
+        return {}
 
 
 def _ns(fn, n: int = 200_000) -> float:

@@ -43,8 +43,13 @@ log_response_body = true
 class _Resolver:
     framework = None
 
-    def resolve(self, method: str, path: str, learn: bool = True) -> str | None:
+    def resolve(
+        self, method: str, path: str, learn: bool = True, loose: bool = False
+    ) -> str | None:
         return "/items/{id}"
+
+    def take_renames(self) -> dict[str, str]:
+        return {}
 
 
 def _ns(fn, n: int = 200_000) -> float:

@@ -25,7 +25,9 @@ async def flood(proxy, n: int, concurrency: int = 32) -> int:
                 if i % 3 == 0:
                     path = f"/status/200?consumer=c{token}&junk{token}=1"  # status route
                 if i % 3 == 1:
-                    path = f"/any/r{token}/x{i}?consumer=c{token}"  # random literal segments
+                    # Random literal segments, each leading somewhere else: nothing for
+                    # the learner to fold, so the per-method template cap must hold.
+                    path = f"/any/r{token}/w{token}?consumer=c{token}"
                 async with s.get(proxy.url + path) as r:
                     await r.read()
                     ok += r.status in (200, 404)

@@ -36,8 +36,13 @@ def expected_id(credential: str, salt: bytes = SALT) -> str:
 class Resolver:
     framework = None
 
-    def resolve(self, method: str, path: str, learn: bool = True) -> str | None:
+    def resolve(
+        self, method: str, path: str, learn: bool = True, loose: bool = False
+    ) -> str | None:
         return path
+
+    def take_renames(self) -> dict[str, str]:
+        return {}
 
 
 def exchange(headers: dict[str, str], status: int = 200, app_consumer: str | None = None):

@@ -165,7 +165,7 @@ def test_health_is_said_in_plain_words():
     assert lines["Dropped payloads"]["text"] == "2 since start (expired 2)"
     assert lines["Upstream"]["level"] == "warn"
     assert "3 failed exchanges since start (connect 3)" in lines["Upstream"]["text"]
-    assert lines["Routes"]["text"].startswith("no route list: templates are inferred")
+    assert lines["Routes"]["text"].startswith("no route list: 0 templates inferred from traffic")
     ok = {h["what"]: h for h in build_view(status_with(w), now=1_800_000_000.0)["health"]}
     assert ok["Export"]["text"].endswith("last success 12 s ago; 0 payloads queued (0 B on disk)")
     assert ok["Routes"]["text"] == "3 routes declared in the config file; framework flask"

@@ -57,6 +57,15 @@ class Histogram:
             index = bucket_index(value)
             self.buckets[index] = self.buckets.get(index, 0) + 1
 
+    def merge(self, other: Histogram) -> None:
+        self.count += other.count
+        self.sum += other.sum
+        self.min = min(self.min, other.min)
+        self.max = max(self.max, other.max)
+        self.zero_count += other.zero_count
+        for index, n in other.buckets.items():
+            self.buckets[index] = self.buckets.get(index, 0) + n
+
     def to_dict(self) -> dict[str, Any] | None:
         """JSON-able form (dense buckets from `offset`), or None when nothing was recorded."""
         if not self.count:
@@ -94,6 +103,11 @@ class HistogramCounter(KeyedCounter[_Point]):
 
     def _new(self) -> _Point:
         return _Point()
+
+    def _merge(self, into: _Point, other: _Point) -> None:
+        into.duration.merge(other.duration)
+        into.request_size.merge(other.request_size)
+        into.response_size.merge(other.response_size)
 
     def _observe(
         self,

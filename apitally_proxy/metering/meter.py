@@ -20,7 +20,8 @@ from apitally_proxy.routes import RouteOverrides
 
 log = logging.getLogger("apitally_proxy.metering")
 
-# Statuses that suggest the path is no route of the app: heuristics don't learn from them.
+# Statuses that suggest the path is no route of the app: heuristics don't learn from them
+# (nor from validation errors: the value in the path may be what the app rejected).
 NO_ROUTE_STATUSES = frozenset({404, 405})
 HEADER_CONSUMER = "x-apitally-consumer"
 HEADER_CONSUMER_NAME = "x-apitally-consumer-name"
@@ -50,7 +51,11 @@ class Observed(Protocol):
 
 
 class TemplateResolver(Protocol):
-    def resolve(self, method: str, path: str, learn: bool = True) -> str | None: ...
+    def resolve(
+        self, method: str, path: str, learn: bool = True, loose: bool = False
+    ) -> str | None: ...
+
+    def take_renames(self) -> dict[str, str]: ...
 
 
 class Meter:
@@ -91,7 +96,12 @@ class Meter:
         route = headers.get(HEADER_ROUTE) if headers is not None else None
         # The app naming the route itself (X-Apitally-Route) wins over any route source.
         template = (route is not None and self.route_overrides.accept(ex.method, route)) or (
-            self.resolver.resolve(ex.method, ex.path, ex.status not in NO_ROUTE_STATUSES)
+            self.resolver.resolve(
+                ex.method,
+                ex.path,
+                ex.status not in NO_ROUTE_STATUSES and ex.status not in VALIDATION_STATUSES,
+                ex.status in VALIDATION_STATUSES,
+            )
         )
         if template is None:
             self.unmatched += 1
@@ -168,6 +178,10 @@ class Meter:
 
     def get_and_reset(self) -> dict[str, Any]:
         """The aggregate part of a sync payload; the meter starts a new interval."""
+        renames = self.resolver.take_renames()
+        if renames:  # positions learned during the interval: its early keys join them
+            self.requests.rename_paths(renames)
+            self.validation_errors.rename_paths(renames)
         overflow = self.requests.consumer_overflow
         if overflow > self._overflow_reported:
             log.warning(

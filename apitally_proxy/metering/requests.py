@@ -75,6 +75,21 @@ class KeyedCounter(Generic[A]):
             agg = self._aggregates[key] = self._new()
         self._observe(agg, response_time, request_size, response_size)
 
+    def _merge(self, into: A, other: A) -> None:
+        raise NotImplementedError
+
+    def rename_paths(self, renames: dict[str, str]) -> None:
+        """Re-key the open interval by renamed templates, merging keys that meet."""
+        merged: dict[RequestKey, A] = {}
+        for (consumer, method, path, status), agg in self._aggregates.items():
+            key = (consumer, method, renames.get(path, path), status)
+            have = merged.get(key)
+            if have is None:
+                merged[key] = agg
+            else:
+                self._merge(have, agg)
+        self._aggregates = merged
+
     def __len__(self) -> int:
         return len(self._aggregates)
 
@@ -114,6 +129,18 @@ class RequestCounter(KeyedCounter[_Aggregate]):
             agg.response_size_sum += response_size
             kb = response_size // 1000
             agg.response_sizes[kb] = agg.response_sizes.get(kb, 0) + 1
+
+    def _merge(self, into: _Aggregate, other: _Aggregate) -> None:
+        into.count += other.count
+        into.request_size_sum += other.request_size_sum
+        into.response_size_sum += other.response_size_sum
+        for mine, theirs in (
+            (into.response_times, other.response_times),
+            (into.request_sizes, other.request_sizes),
+            (into.response_sizes, other.response_sizes),
+        ):
+            for k, n in theirs.items():
+                mine[k] = mine.get(k, 0) + n
 
     def peek_requests(self) -> list[dict[str, Any]]:
         """The `requests` rows so far, leaving the counter as it is (for checkpoints)."""

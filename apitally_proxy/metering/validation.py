@@ -198,6 +198,14 @@ class ValidationErrorCounter:
                 continue
             counts[key] = (n or 0) + 1
 
+    def rename_paths(self, renames: dict[str, str]) -> None:
+        """Re-key the open interval by renamed templates, adding counts that meet."""
+        merged: dict[ErrorKey, int] = {}
+        for (consumer, method, path, loc, msg, typ), n in self._counts.items():
+            key = (consumer, method, renames.get(path, path), loc, msg, typ)
+            merged[key] = merged.get(key, 0) + n
+        self._counts = merged
+
     def peek_validation_errors(self) -> list[dict[str, Any]]:
         """The rows so far, leaving the counter as it is (for checkpoints)."""
         return self._rows(self._counts)
