@@ -71,6 +71,7 @@ def build_admin_app(
     allowed_hosts: frozenset[str] = frozenset(),
     token: str | None = None,
     dashboard: StatusFn | None = None,
+    draining: Callable[[], bool] = lambda: False,
 ) -> web.Application:
     """The admin application; `status` returns the live state as a dict, `dashboard`
     the same with the last minutes of traffic (`recent`) for the dashboard.
@@ -81,11 +82,10 @@ def build_admin_app(
     registry = CollectorRegistry(auto_describe=True)
     registry.register(ProxyCollector(status))
 
-    async def health(request: web.Request) -> web.Response:
+    def health_body(is_ready: bool) -> dict[str, Any]:
         s = status()
-        is_ready = ready()
-        body = {
-            "status": "ok" if is_ready else "draining",
+        return {
+            "status": "ok" if is_ready else "draining" if draining() else "starting",
             "ready": is_ready,
             "mode": s["hub"]["mode"],
             "hub_ok": s["hub"]["ok"],
@@ -93,10 +93,21 @@ def build_admin_app(
             # Counted, never fatal: the rest of each payload was kept.
             "unencodable_values": s["hub"]["unencodable"],
         }
+
+    # Readiness: 503 while starting and while draining (take no new traffic).
+    async def health(request: web.Request) -> web.Response:
+        is_ready = ready()
         return web.Response(
-            body=orjson.dumps(body),
+            body=orjson.dumps(health_body(is_ready)),
             status=200 if is_ready else 503,
             content_type="application/json",
+        )
+
+    # Liveness: 200 whenever the event loop answers, draining included (restarting a
+    # draining proxy would cut its final delivery).
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(
+            body=orjson.dumps(health_body(ready())), content_type="application/json"
         )
 
     async def metrics(request: web.Request) -> web.Response:
@@ -138,7 +149,7 @@ def build_admin_app(
 
     app = web.Application(middlewares=[_guard(frozenset(h.lower() for h in allowed_hosts), token)])
     app.router.add_get("/health", health)
-    app.router.add_get("/healthz", health)
+    app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/status", status_page)
     app.router.add_get("/status.json", status_json)

@@ -20,6 +20,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from apitally_proxy import __version__
 from apitally_proxy.admin import build_admin_app
+from apitally_proxy.aio import wait_or_hurry
 from apitally_proxy.capture import Captures
 from apitally_proxy.cluster import StatusPublisher, merged_status, status_path
 from apitally_proxy.config import (
@@ -36,6 +37,7 @@ from apitally_proxy.hub.request_log import RequestLog
 from apitally_proxy.hub.spool import Spool
 from apitally_proxy.hub.sync import HubSync
 from apitally_proxy.hub.transport import HubTransport, LocalTransport, Transport
+from apitally_proxy.learning import load_positions, save_positions
 from apitally_proxy.metering import Meter
 from apitally_proxy.metering.histograms import HistogramCounter
 from apitally_proxy.metering.identity import (
@@ -73,6 +75,9 @@ class Worker:
         self.routes = RouteResolver(
             settings.max_templates_per_method, base_path=settings.upstream_target.base_path
         )
+        # Parameter positions learned from traffic by earlier runs (no route source).
+        self._learned_path = settings.state_dir / "learned-routes.json"
+        self.routes.learner.restore(load_positions(self._learned_path))
         self._openapi: str | None = None
         framework = settings.framework if settings.framework in FRAMEWORKS else None
         declared = declared_routes(settings.routes)
@@ -127,10 +132,11 @@ class Worker:
             default_interval=OTLP_INTERVAL if self.otlp else None,
             # OTLP: spans are spooled before each export cycle and go out with it; hub:
             # request-log files are uploaded after each sync, as the official clients do.
-            before_sync=log_hooks if self.otlp else None,
+            before_sync=[self._save_learned_routes, *(log_hooks if self.otlp else [])],
             after_sync=None if self.otlp else log_hooks,
         )
         self.ready = False
+        self.draining = False
         self.started_at = time.time()
         self._runner: web.ServerRunner | None = None
         self._admin_runner: web.AppRunner | None = None
@@ -222,6 +228,20 @@ class Worker:
             instance_uuid, self.routes.paths(), client_tag, s.app_version, self._openapi
         )
 
+    async def _save_learned_routes(self) -> None:
+        """Before a sync: keep newly learned positions, and tell Apitally the new paths."""
+        if not self.routes.learned_changed:
+            return
+        self.routes.learned_changed = False
+        positions = self.routes.learner.learned_positions()
+        try:
+            await asyncio.to_thread(save_positions, self._learned_path, positions)
+        except OSError as exc:
+            log.warning("cannot save learned routes to %s (%s)", self._learned_path, exc)
+        if self.routes.table is None:
+            log.info("route parameters learned from traffic: %s", ", ".join(positions))
+            self.sync.announce()
+
     def _routes_changed(self, route_set: RouteSet) -> None:
         """A new route set was compiled: use it, and re-announce if what the hub knows changed."""
         changed = self.routes.use_table(route_set.table, route_set.framework)
@@ -258,6 +278,8 @@ class Worker:
                 "framework": self.routes.framework,
                 "problem": self.discovery.last_error,
                 "fetches": self.discovery.fetches,
+                "learned_positions": self.routes.learner.learned,
+                "templates_seen": self.routes.templates_seen if self.routes.table is None else None,
             },
             "consumer_overflow": self.meter.requests.consumer_overflow,
             "histograms": self.meter.histograms.snapshot(),
@@ -351,6 +373,7 @@ class Worker:
                     frozenset(s.admin_allowed_hosts),
                     s.admin_token,
                     dashboard,
+                    lambda: self.draining,
                 ),
                 access_log=None,
             )
@@ -394,6 +417,7 @@ class Worker:
         payload is still spooled, and its delivery is abandoned when hurried.
         """
         self.ready = False
+        self.draining = True
         loop = asyncio.get_running_loop()
         # One deadline for the whole drain: in-flight requests get the grace period but
         # its last part, which is kept for the final delivery; the exit comes before it.
@@ -403,15 +427,7 @@ class Worker:
         if self._runner is not None:
             # Closes the listener and the idle connections, then waits for handlers.
             cleanup = asyncio.ensure_future(self._runner.cleanup())
-            waiters: set[asyncio.Future[Any]] = {cleanup}
-            if hurry is not None:
-                waiters.add(asyncio.ensure_future(hurry.wait()))
-            await asyncio.wait(
-                waiters,
-                timeout=max(0.0, deadline - delivery - loop.time()),
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            if not cleanup.done():
+            if not await wait_or_hurry(cleanup, deadline - delivery - loop.time(), hurry):
                 cut = self.proxy.cut_in_flight()
                 log.warning(
                     "%d request(s) still running at the end of shutdown_grace (%.0f s): cut by "
@@ -419,10 +435,7 @@ class Worker:
                     cut,
                     grace,
                 )
-                await asyncio.wait({cleanup}, timeout=max(0.0, deadline - loop.time()) / 2)
-            for fut in waiters:
-                if not fut.done():
-                    fut.cancel()
+                await wait_or_hurry(cleanup, (deadline - loop.time()) / 2)
         await self.discovery.stop()
         await self.proxy.close()
         if self.request_log is not None:

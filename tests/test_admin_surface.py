@@ -81,3 +81,29 @@ async def test_a_non_loopback_admin_address_without_a_token_is_warned_about(
 )
 def test_host_allowed(host, ok):
     assert host_allowed(host, frozenset()) is ok
+
+
+async def test_liveness_stays_up_while_draining_and_readiness_says_why(upstream, start_proxy):
+    import os
+    import signal
+
+    import aiohttp
+
+    proxy = await start_proxy(upstream.url)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(proxy.admin_url + "/health") as r:
+            assert r.status == 200 and (await r.json())["status"] == "ok"
+        slow = asyncio.ensure_future(s.get(proxy.url + "/slow?delay=3"))
+        await asyncio.sleep(0.3)
+        os.kill(proxy.pid, signal.SIGTERM)  # drains while /slow runs
+        await asyncio.sleep(0.5)
+        async with s.get(proxy.admin_url + "/health") as r:
+            assert r.status == 503  # readiness: take no new traffic
+            assert (await r.json())["status"] == "draining"
+        async with s.get(proxy.admin_url + "/healthz") as r:
+            assert r.status == 200  # liveness: do not restart a draining proxy
+            body = await r.json()
+            assert body["status"] == "draining" and body["ready"] is False
+        async with await slow as r:
+            assert r.status == 200
+    assert await proxy.stop() == 0

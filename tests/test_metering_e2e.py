@@ -457,6 +457,29 @@ async def test_one_drain_deadline_the_proxy_exits_within_shutdown_grace(
     assert "cut by shutdown" in proxy.log()
 
 
+async def test_an_export_hanging_at_sigterm_does_not_stretch_the_drain(
+    hub, upstream, http, start_proxy, hub_args, tmp_path
+):
+    """The sync in flight and the final delivery share the one deadline: a hub that
+    accepts and never answers cannot make the drain twice shutdown_grace."""
+    cfg = tmp_path / "p.toml"
+    cfg.write_text("shutdown_grace = 3\nhub_timeout = 30\n")
+    hub.delay = 60  # every hub call hangs
+    proxy = await start_proxy(upstream.url, *hub_args, "--config", str(cfg))
+    for i in range(5):
+        async with http.get(f"{proxy.url}/items/{i}") as r:
+            assert r.status == 200
+    await asyncio.sleep(0.8)  # a sync (0.3 s interval) is now hanging on the hub
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await proxy.stop(signal.SIGTERM) == 0
+    took = loop.time() - started
+    assert took < 3.0, f"the drain took {took:.1f} s with shutdown_grace = 3"
+    assert "stay spooled" in proxy.log()  # kept for the next start, not lost
+    spool = list(proxy.state_dir.rglob("*.spool/*-*.json"))
+    assert spool, "the undelivered payloads must stay in the spool"
+
+
 async def test_metrics_has_latency_and_size_histograms_per_route_template(
     upstream, http, start_proxy
 ):

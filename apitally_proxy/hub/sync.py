@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
+from apitally_proxy.aio import cancel_and_wait, wait_or_hurry
 from apitally_proxy.hub.spool import Spool
 from apitally_proxy.hub.transport import Outcome, Transport
 
@@ -197,29 +198,19 @@ class HubSync:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        # One deadline for both: the sync the loop was in, then the final delivery.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + final_sync_timeout
+        # The shielded sync the loop was in: let it finish (its delivery and hooks)
+        # before the transport closes, within the same bound.
         current = self._current_sync
-        if current is not None and not current.done():
-            # The shielded sync the loop was in: let it finish (its delivery and hooks)
-            # before the transport closes, within the same bound.
-            await asyncio.wait({current}, timeout=final_sync_timeout)
-            if not current.done():
-                current.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await current
+        if current is not None and not await wait_or_hurry(current, final_sync_timeout, hurry):
+            await cancel_and_wait(current)
         await self.close_interval()
         delivery = asyncio.ensure_future(self.deliver())
-        waiters: set[asyncio.Future[Any]] = {delivery}
-        if hurry is not None:
-            waiters.add(asyncio.ensure_future(hurry.wait()))
-        done, _ = await asyncio.wait(
-            waiters, timeout=final_sync_timeout, return_when=asyncio.FIRST_COMPLETED
-        )
-        for fut in waiters:
-            if not fut.done():
-                fut.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await fut
-        if delivery not in done:
+        delivered = await wait_or_hurry(delivery, deadline - loop.time(), hurry)
+        if not delivered:
+            await cancel_and_wait(delivery)
             log.error(
                 "final sync not delivered within %.0f s; %d payload(s) stay spooled in %s "
                 "for the next start",
