@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -69,7 +70,6 @@ class ProxyCollector(Collector):
             "apitally_proxy_in_flight", "Requests being proxied now", value=s["in_flight"]
         )
         hub = s["hub"]
-        # The apitally_proxy_hub_* families speak of whichever destination is in use.
         mode = GaugeMetricFamily(
             "apitally_proxy_export_mode",
             "1 for where payloads go: otlp (Apitally 1.x), hub (0.x), collector or local",
@@ -77,32 +77,151 @@ class ProxyCollector(Collector):
         )
         mode.add_metric([hub["mode"]], 1)
         yield mode
-        yield GaugeMetricFamily(
-            "apitally_proxy_hub_queue",
-            "Payloads (hub syncs or OTLP exports) waiting for delivery",
-            value=hub["queued"],
-        )
-        yield CounterMetricFamily(
-            "apitally_proxy_hub_payloads_sent",
-            "Payloads accepted by the destination (or written, in local mode)",
-            value=hub["sent"],
-        )
-        dropped = CounterMetricFamily(
-            "apitally_proxy_hub_payloads_dropped", "Payloads dropped", labels=["reason"]
-        )
-        dropped.add_metric(["rejected"], hub["dropped_rejected"])
-        dropped.add_metric(["expired"], hub["dropped_expired"])
-        dropped.add_metric(["spool_full"], hub["dropped_spool_full"])
-        yield dropped
+        yield from _export(hub)
         yield CounterMetricFamily(
             "apitally_proxy_unencodable_values",
             "Payload values that could not be encoded as they were (repaired or dropped; "
             "the rest of each payload was kept)",
             value=hub["unencodable"],
         )
-        yield GaugeMetricFamily(
-            "apitally_proxy_hub_ok", "1 when the last hub exchange succeeded", value=int(hub["ok"])
+        yield CounterMetricFamily(
+            "apitally_proxy_crash_recoveries",
+            "Checkpoints of a predecessor that did not shut down cleanly, found at start-up "
+            "and queued as payloads of their own",
+            value=hub.get("recovered_after_crash", 0),
         )
+        yield from _deprecated_hub(hub)
+        if s.get("request_log") is not None:
+            yield from _request_log(s["request_log"])
+
+
+# What became of each sync payload or OTLP export, whatever the destination. `sent`
+# in the status is what the transport took: the destination's 2xx, or, in local mode,
+# the line written to the file.
+OUTCOMES = ("delivered", "written", "rejected", "expired", "spool_full")
+
+
+def _outcomes(hub: dict[str, Any]) -> dict[str, int]:
+    local = hub["mode"] == "local"
+    return {
+        "delivered": 0 if local else hub["sent"],
+        "written": hub["sent"] if local else 0,
+        "rejected": hub["dropped_rejected"],
+        "expired": hub["dropped_expired"],
+        "spool_full": hub["dropped_spool_full"],
+    }
+
+
+def _export(hub: dict[str, Any]) -> Iterator[Any]:
+    payloads = CounterMetricFamily(
+        "apitally_proxy_export_payloads",
+        "Sync payloads (hub) or exports (OTLP) by what became of them: delivered (accepted "
+        "by the hub, the OTLP endpoint or the collector), written (local mode's file), "
+        "rejected (refused for good, dropped), expired (older than queue_max_age), "
+        "spool_full (oldest dropped past spool_max_bytes)",
+        labels=["outcome"],
+    )
+    counts = _outcomes(hub)
+    for outcome in OUTCOMES:
+        payloads.add_metric([outcome], counts[outcome])
+    yield payloads
+    yield GaugeMetricFamily(
+        "apitally_proxy_export_queue_payloads",
+        "Payloads spooled (or held in memory) waiting for delivery",
+        value=hub["queued"],
+    )
+    yield GaugeMetricFamily(
+        "apitally_proxy_export_ok",
+        "1 when the last exchange with the destination (or the local file) succeeded",
+        value=int(hub["ok"]),
+    )
+    yield GaugeMetricFamily(
+        "apitally_proxy_export_spool_bytes",
+        "Bytes of payloads waiting in the spool (bounded by spool_max_bytes)",
+        value=hub.get("spool_bytes", 0),
+    )
+    last = GaugeMetricFamily(
+        "apitally_proxy_export_last_success_timestamp_seconds",
+        "Unix time the destination last accepted a payload (local mode: last written); "
+        "no sample until the first success",
+    )
+    if hub.get("last_success") is not None:
+        last.add_metric([], hub["last_success"])
+    yield last
+
+
+def _deprecated_hub(hub: dict[str, Any]) -> Iterator[Any]:
+    """The names before the export_* families, kept for one release (same values)."""
+    yield GaugeMetricFamily(
+        "apitally_proxy_hub_queue",
+        "Deprecated: use apitally_proxy_export_queue_payloads. Payloads waiting for delivery",
+        value=hub["queued"],
+    )
+    yield CounterMetricFamily(
+        "apitally_proxy_hub_payloads_sent",
+        'Deprecated: use apitally_proxy_export_payloads_total{outcome=~"delivered|written"}. '
+        "Payloads accepted by the destination (or written, in local mode)",
+        value=hub["sent"],
+    )
+    dropped = CounterMetricFamily(
+        "apitally_proxy_hub_payloads_dropped",
+        'Deprecated: use apitally_proxy_export_payloads_total{outcome=~"rejected|expired|'
+        'spool_full"}. Payloads dropped',
+        labels=["reason"],
+    )
+    dropped.add_metric(["rejected"], hub["dropped_rejected"])
+    dropped.add_metric(["expired"], hub["dropped_expired"])
+    dropped.add_metric(["spool_full"], hub["dropped_spool_full"])
+    yield dropped
+    yield GaugeMetricFamily(
+        "apitally_proxy_hub_ok",
+        "Deprecated: use apitally_proxy_export_ok. 1 when the last exchange succeeded",
+        value=int(hub["ok"]),
+    )
+
+
+def _request_log(rl: dict[str, Any]) -> Iterator[Any]:
+    """Only with request logging on (the families are absent otherwise)."""
+    requests = CounterMetricFamily(
+        "apitally_proxy_request_log_requests",
+        "Requests handed to the request log: logged (written to a log file or span), "
+        "dropped (buffer full: max_buffered_requests or 16 MB of bodies)",
+        labels=["outcome"],
+    )
+    requests.add_metric(["logged"], rl["logged"])
+    requests.add_metric(["dropped"], rl["dropped"])
+    yield requests
+    files = CounterMetricFamily(
+        "apitally_proxy_request_log_files",
+        "Request log files done with: delivered (uploaded to the hub), dropped (rejected, "
+        "unreadable, discarded on the hub's 402, or past the 50 kept; local mode: the "
+        "oldest deleted)",
+        labels=["outcome"],
+    )
+    files.add_metric(["delivered"], rl["files_sent"])
+    files.add_metric(["dropped"], rl["files_dropped"])
+    yield files
+    yield GaugeMetricFamily(
+        "apitally_proxy_request_log_buffered_requests",
+        "Requests buffered in memory for the request log writer",
+        value=rl["buffered"],
+    )
+    yield GaugeMetricFamily(
+        "apitally_proxy_request_log_waiting_files",
+        "Request log files waiting for upload (local mode: kept on disk)",
+        value=rl["waiting_files"],
+    )
+    now = time.time()
+    paused = GaugeMetricFamily(
+        "apitally_proxy_request_log_paused",
+        "1 while request logging is off for a while: quota (the hub's 402 with "
+        "Retry-After) or write_error (disk trouble, 60 s)",
+        labels=["reason"],
+    )
+    for reason, key in (("quota", "suspended_until"), ("write_error", "paused_until")):
+        until = rl.get(key)
+        paused.add_metric([reason], int(until is not None and until > now))
+    yield paused
 
 
 def _histograms(snapshot: dict[str, list[Any]]) -> Iterator[Any]:
