@@ -179,23 +179,23 @@ def test_learner_apply_renumbers_parameters():
 # ---------------------------------------------------------------- a real Flask app
 
 
-async def test_a_plain_flask_app_gets_the_official_clients_templates(
-    hub, http, start_proxy, hub_args
-):
+def learned_app(kind: str) -> AppProcess:
     port = free_port()
-    app = AppProcess(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "--bind",
-            f"127.0.0.1:{port}",
-            "--workers",
-            "1",
-            "tests.apps.learned_flask_app:app",
-        ],
-        port,
-    )
+    if kind == "flask":
+        argv = ["-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1"]
+        argv.append("tests.apps.learned_flask_app:app")
+    else:
+        argv = ["-m", "uvicorn", "tests.apps.learned_starlette_app:app"]
+        argv += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    return AppProcess([sys.executable, *argv], port)
+
+
+@pytest.mark.parametrize("kind", ["flask", "starlette"])
+async def test_a_plain_app_gets_the_official_clients_templates(
+    kind, hub, http, start_proxy, hub_args
+):
+    """Flask under gunicorn, Starlette under uvicorn; neither serves an OpenAPI document."""
+    app = learned_app(kind)
     await app.start()
     try:
         proxy = await start_proxy(app.url, *hub_args)
