@@ -30,6 +30,9 @@ SUMMED = (
     "unmatched",
     "route_overflow",
     "consumer_overflow",
+    "validation_error_overflow",
+    "route_override_overflow",
+    "histogram_overflow",
     "consumer_unconfirmed",
     "in_flight",
     "upstream_retries",
@@ -44,6 +47,7 @@ HUB_SUMMED = (
     "dropped_spool_full",
     "unencodable",
     "spool_bytes",
+    "recovered_after_crash",
 )
 
 
@@ -117,8 +121,15 @@ def merged_status(own: dict[str, Any], directory: Path, workers: int) -> dict[st
         for key in SUMMED_MAPS:
             for code, n in other.get(key, {}).items():
                 merged[key][code] = merged[key].get(code, 0) + n
+        theirs = other.get("hub", {})
         for key in HUB_SUMMED:
-            merged["hub"][key] = merged["hub"].get(key, 0) + other.get("hub", {}).get(key, 0)
+            merged["hub"][key] = merged["hub"].get(key, 0) + theirs.get(key, 0)
+        # Healthy only when every worker is; the latest success of any of them.
+        if not theirs.get("ok", True):
+            merged["hub"]["ok"] = False
+            merged["hub"]["problem"] = merged["hub"].get("problem") or theirs.get("problem")
+        if (theirs.get("last_success") or 0) > (merged["hub"].get("last_success") or 0):
+            merged["hub"]["last_success"] = theirs["last_success"]
         merge_histograms(merged["histograms"], other.get("histograms", {}))
         if "recent" in merged and "recent" in other:
             merge_recent(merged["recent"], other["recent"])

@@ -59,6 +59,17 @@ class ProxyCollector(Collector):
             "Requests whose consumer exceeded the cap",
             value=s["consumer_overflow"],
         )
+        overflows = CounterMetricFamily(
+            "apitally_proxy_cap_overflow",
+            "Requests or values counted in an overflow bucket because a cap was reached: "
+            "validation errors per interval, X-Apitally-Route values per method, "
+            "/metrics histogram series",
+            labels=["cap"],
+        )
+        overflows.add_metric(["validation_errors"], s.get("validation_error_overflow", 0))
+        overflows.add_metric(["route_overrides"], s.get("route_override_overflow", 0))
+        overflows.add_metric(["histogram_series"], s.get("histogram_overflow", 0))
+        yield overflows
         yield CounterMetricFamily(
             "apitally_proxy_consumer_unconfirmed",
             "consumer_header requests counted without a consumer: the app refused the key "

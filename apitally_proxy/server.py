@@ -282,6 +282,10 @@ class Worker:
                 "templates_seen": self.routes.templates_seen if self.routes.table is None else None,
             },
             "consumer_overflow": self.meter.requests.consumer_overflow,
+            # Other caps' overflows: counted in the overflow bucket, never dropped silently.
+            "validation_error_overflow": self.meter.validation_errors.overflow,
+            "route_override_overflow": self.meter.route_overrides.overflow,
+            "histogram_overflow": self.meter.histograms.overflow,
             "histograms": self.meter.histograms.snapshot(),
             "consumer_unconfirmed": self.identity.unconfirmed if self.identity is not None else 0,
             "in_flight": self.proxy.in_flight,

@@ -291,3 +291,21 @@ async def test_every_family_on_metrics_is_documented(upstream, http, start_proxy
     assert not missing, f"on /metrics but not in docs/prometheus.md: {sorted(missing)}"
     for old in DEPRECATED:
         assert old in doc
+
+
+async def test_every_cap_overflow_is_on_metrics(upstream, http, start_proxy):
+    """Caps other than routes and consumers: counted and shown, never silent."""
+    proxy = await start_proxy(upstream.url)
+    async with http.get(proxy.url + "/items/1") as r:
+        assert r.status == 200
+    await proxy.wait_status(lambda st: st["requests_total"] >= 1)
+    async with http.get(proxy.admin_url + "/metrics") as r:
+        text = await r.text()
+    caps = {
+        s.labels["cap"]: s.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "apitally_proxy_cap_overflow"
+        for s in family.samples
+    }
+    assert caps == {"validation_errors": 0, "route_overrides": 0, "histogram_series": 0}
+    assert await proxy.stop() == 0
