@@ -308,7 +308,11 @@ ROUTES = [_docs_item]
 
 # The README's Flask snippet reads `g.api_key`, set by the app's own authentication:
 # here a key table looked up from `X-API-Key`, as apps commonly do.
-README_KEYS = {"key-muller": ("muller", "Müller & Söhne"), "key-acme": ("acme", "Acme Corp")}
+README_KEYS = {
+    "key-muller": ("muller", "Müller & Söhne"),
+    "key-acme": ("acme", "Acme Corp"),
+    "key-lukasz": ("łukasz", "Łukasz"),  # outside Latin-1: the identifier must be quoted too
+}
 README_FLASK = Harness(
     "from dataclasses import dataclass\n\nfrom flask import Flask, g, request\n",
     """
