@@ -13,7 +13,13 @@ import time
 from typing import Any
 
 from apitally_proxy import __version__
-from apitally_proxy.config import ConfigError, Settings, environment_warnings, load_settings
+from apitally_proxy.config import (
+    ConfigError,
+    Settings,
+    environment_warnings,
+    load_settings,
+    setting_names,
+)
 
 log = logging.getLogger("apitally_proxy")
 
@@ -31,11 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
         "the --config TOML file beats defaults.",
     )
     for name, field in Settings.model_fields.items():
-        extra = field.json_schema_extra or {}
-        flag = extra.get("flag")  # type: ignore[union-attr]
+        env, flag = setting_names(field)
         if not flag:
             continue
-        help_text = f"{field.description or name} [{extra.get('env')}]"  # type: ignore[union-attr]
+        help_text = f"{field.description or name} [{env}]"
         if name in _BOOL_FIELDS:
             parser.add_argument(
                 flag,

@@ -52,8 +52,17 @@ class ConfigError(Exception):
 
 
 def _setting(default: Any = ..., *, env: str | None = None, flag: str | None = None, **kw: Any):
-    extra = {"env": env, "flag": flag}
+    extra: dict[str, Any] = {"env": env, "flag": flag}
     return Field(default, json_schema_extra=extra, **kw)
+
+
+def setting_names(field: FieldInfo) -> tuple[str | None, str | None]:
+    """A setting's (environment variable, CLI flag), each None when it has none."""
+    extra = field.json_schema_extra
+    if not isinstance(extra, dict):
+        return None, None
+    env, flag = extra.get("env"), extra.get("flag")
+    return (env if isinstance(env, str) else None, flag if isinstance(flag, str) else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +147,7 @@ class _EnvVarSource(PydanticBaseSettingsSource):
         self._environ = environ
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        env = (field.json_schema_extra or {}).get("env")  # type: ignore[union-attr]
+        env, _ = setting_names(field)
         return (self._environ.get(env) if env else None), field_name, False
 
     def __call__(self) -> dict[str, Any]:
@@ -711,12 +720,12 @@ def _config_file(cli_values: dict[str, Any]) -> str:
 
 def _describe(field_name: str, config_file: str = "the config file") -> str:
     field = Settings.model_fields.get(field_name)
-    extra = (field.json_schema_extra or {}) if field else {}
+    env, flag = setting_names(field) if field else (None, None)
     names = [f"`{field_name}` in {config_file}"]
-    if extra.get("flag"):  # type: ignore[union-attr]
-        names.insert(0, extra["flag"])  # type: ignore[index]
-    if extra.get("env"):  # type: ignore[union-attr]
-        names.insert(1 if len(names) > 1 else 0, extra["env"])  # type: ignore[index]
+    if flag:
+        names.insert(0, flag)
+    if env:
+        names.insert(1 if len(names) > 1 else 0, env)
     return " / ".join(names)
 
 
@@ -728,9 +737,9 @@ def env_names() -> dict[str, str]:
     """Every environment variable the proxy reads -> the setting it feeds."""
     names = {n: n for n in OTHER_ENV_NAMES}
     for field_name, field in Settings.model_fields.items():
-        env = (field.json_schema_extra or {}).get("env")  # type: ignore[union-attr]
+        env, _ = setting_names(field)
         if env:
-            names[str(env)] = field_name
+            names[env] = field_name
     return names
 
 

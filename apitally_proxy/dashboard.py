@@ -78,7 +78,7 @@ def _endpoint_rows(slots: list[dict[str, Any]], seconds: float) -> list[dict[str
                 _add(totals[key], row)
             else:
                 totals[key] = list(row)
-    out = []
+    out: list[dict[str, Any]] = []
     for key, row in totals.items():
         method, _, route = key.partition(" ")
         n = row[REQUESTS]
@@ -114,7 +114,7 @@ def _consumer_rows(
                 _add(totals[key], row)
             else:
                 totals[key] = list(row)
-    out = []
+    out: list[dict[str, Any]] = []
     for identifier, row in totals.items():
         n = row[REQUESTS]
         name, group = (names.get(identifier) or [None, None])[:2]
@@ -137,7 +137,7 @@ def _consumer_rows(
 def _series(
     by_number: dict[int, dict[str, Any]], first: int, last: int, width: int
 ) -> list[dict[str, Any]]:
-    out = []
+    out: list[dict[str, Any]] = []
     for number in range(first, last + 1):
         slot = by_number.get(number)
         buckets = [0.0] * (len(LATENCY_BOUNDS) + 1)
@@ -167,7 +167,7 @@ def _validation_rows(slots: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for slot in slots:
         for key, n in slot["validation"].items():
             counts[key] = counts.get(key, 0) + n
-    out = []
+    out: list[dict[str, Any]] = []
     for key, n in counts.items():
         method, route, location, message, kind = (key.split("\t") + [""] * 5)[:5]
         out.append(

@@ -163,7 +163,7 @@ def _param_kinds(params: Any, kinds: dict[str, str | None]) -> None:
     for p in params[:100]:
         if not isinstance(p, dict) or p.get("in") != "path" or not isinstance(p.get("name"), str):
             continue
-        schema = p.get("schema") if isinstance(p.get("schema"), dict) else p  # Swagger 2.0
+        schema: dict[str, Any] = p["schema"] if isinstance(p.get("schema"), dict) else p
         typ, fmt = schema.get("type"), schema.get("format")
         if isinstance(typ, list):  # OpenAPI 3.1 type arrays
             typ = next((t for t in typ if t != "null"), None)
@@ -184,7 +184,7 @@ def detect_framework(doc: dict[str, Any], hint: str | None) -> str | None:
     schemas = (doc.get("components") or {}).get("schemas") if isinstance(doc, dict) else None
     if isinstance(schemas, dict) and "HTTPValidationError" in schemas:
         return "fastapi"
-    info = doc.get("info") if isinstance(doc.get("info"), dict) else {}
+    info: dict[str, Any] = doc["info"] if isinstance(doc.get("info"), dict) else {}
     if info.get("title") == "Litestar API":
         return "litestar"
     return hint

@@ -491,12 +491,13 @@ class RouteResolver:
         if loose:
             template = self.learner.apply(shaped, loose=True)
         else:
-            template = self._mapped.get(shaped)
-            if template is None:
-                template = self.learner.apply(shaped)
+            mapped = self._mapped.get(shaped)
+            if mapped is None:
+                mapped = self.learner.apply(shaped)
                 if len(self._mapped) >= self._cache_size:
                     self._mapped.clear()
-                self._mapped[shaped] = template
+                self._mapped[shaped] = mapped
+            template = mapped
         seen = self._templates.get(method)
         if seen is None:
             seen = self._templates[method] = set()

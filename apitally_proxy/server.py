@@ -12,7 +12,7 @@ import re
 import signal
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -120,7 +120,9 @@ class Worker:
             settings.framework, self.request_log, keep_request_headers=self.identity is not None
         )
         self.proxy = ReverseProxy(settings, self._record, captures)
-        log_hooks = [self.request_log.deliver] if self.request_log is not None else []
+        log_hooks: list[Callable[[], Awaitable[None]]] = (
+            [self.request_log.deliver] if self.request_log is not None else []
+        )
         self.sync = HubSync(
             self.transport,
             self.lease.uuid,

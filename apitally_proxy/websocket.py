@@ -163,7 +163,7 @@ class WebSocketRelay:
             max_msg_size=self._max_message,
         )
         try:
-            await client_ws.prepare(request)  # type: ignore[arg-type]
+            await client_ws.prepare(request)
             exchange.status = 101
             exchange.request_size = 0
             up = asyncio.ensure_future(_pump(client_ws, upstream_ws, exchange, upward=True))

@@ -312,8 +312,8 @@ def read_local_output(directory: Path, since: float) -> Metered:
                 )
                 metered.consumers[row["consumer"]] += row["request_count"]
             for err in payload.get("validation_errors", []):
-                key = (err["method"], err["path"], ".".join(map(str, err["loc"])), err["msg"])
-                metered.validation_errors[key] += err["error_count"]
+                error_key = (err["method"], err["path"], ".".join(map(str, err["loc"])), err["msg"])
+                metered.validation_errors[error_key] += err["error_count"]
             for consumer in payload.get("consumers", []):
                 metered.consumer_info[consumer["identifier"]] = (
                     consumer.get("name"),
@@ -439,7 +439,7 @@ def report(
     print()
     if metered.validation_errors:
         print("Validation errors (read from the app's 422 response bodies)")
-        rows = [
+        rows: list[Row] = [
             (method, path, loc, msg, str(n))
             for (method, path, loc, msg), n in sorted(metered.validation_errors.items())
         ]

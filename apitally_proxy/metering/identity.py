@@ -237,7 +237,7 @@ class ConsumerIdentity:
         cache = self._cache
         consumer = cache.get(value, _MISS)
         if consumer is not _MISS:
-            return consumer  # type: ignore[return-value]
+            return consumer
         consumer = self._compute(value)
         if len(value) <= MAX_CACHED_VALUE:
             if len(cache) >= self._cache_size:

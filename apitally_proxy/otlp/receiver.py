@@ -21,7 +21,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 )
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-MESSAGES = {
+MESSAGES: dict[str, Any] = {
     "metrics": ExportMetricsServiceRequest,
     "logs": ExportLogsServiceRequest,
     "traces": ExportTraceServiceRequest,
