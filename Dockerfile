@@ -32,7 +32,7 @@ COPY pyproject.toml README.md* ./
 COPY apitally_proxy ./apitally_proxy
 # Behind a proxy that intercepts TLS, pass its CA bundle as the build secret "ca"
 # (--secret id=ca,src=/etc/ssl/certs/ca-certificates.crt): pip trusts it for this
-# step only, and it is in no layer. Without the secret pip uses the image's CAs.
+# step only, and it is in no layer. Without the secret pip uses its own CA list.
 RUN --mount=type=secret,id=ca \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
  && python3 -m venv /opt/apitally-proxy \
