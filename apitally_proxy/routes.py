@@ -464,11 +464,11 @@ class RouteResolver:
     ) -> str | None:
         """The template to count this request under; None when it matches no route.
 
-        With heuristics, `learn=False` (the app answered 404/405 or a validation
-        error: no proof of a route) resolves only to templates already seen, so
-        scanners cannot fill the per-method cap and push real endpoints first seen
-        later into the overflow. `loose` (a validation error): a value the app
-        rejected counts under the route whose parameter it was sent for.
+        With heuristics, `learn=False` (the app answered 404/405: no proof of a
+        route) resolves only to templates already seen, so scanners cannot fill the
+        per-method cap and push real endpoints first seen later into the overflow.
+        `loose` (a validation error): a value the app rejected counts under the known
+        route whose parameter it was sent for; with none, it teaches as any answer.
         """
         table = self.table
         if table is not None:
@@ -477,27 +477,19 @@ class RouteResolver:
             if found is None and loose:
                 found = table.match(method, full, loose=True)
             return found
-        shaped = self._cache.get(path)
-        if shaped is None:
-            shaped = template_segments(path)
-            if len(path) <= MAX_CACHED_PATH:  # hostile long paths would pin memory
-                if len(self._cache) >= self._cache_size:
-                    self._cache.clear()
-                self._cache[path] = shaped
+        shaped = self._shape(path)
+        if loose:
+            # `/items/abc` rejected: `/items/{id}` is the route, if it is known.
+            known = self.learner.apply(shaped, loose=True)
+            if known in self._templates.get(method, ()):
+                return known
         if learn and shaped not in self._taught and len(self._taught) < MAX_TAUGHT:
             self._taught.add(shaped)
             if self.learner.teach(shaped):
                 self._learned()
-        if loose:
-            template = self.learner.apply(shaped, loose=True)
-        else:
-            mapped = self._mapped.get(shaped)
-            if mapped is None:
-                mapped = self.learner.apply(shaped)
-                if len(self._mapped) >= self._cache_size:
-                    self._mapped.clear()
-                self._mapped[shaped] = mapped
-            template = mapped
+        template = self._mapped.get(shaped)
+        if template is None:
+            template = self._map(shaped)
         seen = self._templates.get(method)
         if seen is None:
             seen = self._templates[method] = set()
@@ -508,6 +500,25 @@ class RouteResolver:
                 self.overflow += 1
                 return OVERFLOW_TEMPLATE
             seen.add(template)
+        return template
+
+    def _shape(self, path: str) -> str:
+        """The path with id-like segments as parameters (cached)."""
+        shaped = self._cache.get(path)
+        if shaped is None:
+            shaped = template_segments(path)
+            if len(path) <= MAX_CACHED_PATH:  # hostile long paths would pin memory
+                if len(self._cache) >= self._cache_size:
+                    self._cache.clear()
+                self._cache[path] = shaped
+        return shaped
+
+    def _map(self, shaped: str) -> str:
+        """The shaped path with learned positions applied (cached until the next one)."""
+        template = self.learner.apply(shaped)
+        if len(self._mapped) >= self._cache_size:
+            self._mapped.clear()
+        self._mapped[shaped] = template
         return template
 
     def _learned(self) -> None:

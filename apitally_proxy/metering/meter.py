@@ -20,8 +20,8 @@ from apitally_proxy.routes import RouteOverrides
 
 log = logging.getLogger("apitally_proxy.metering")
 
-# Statuses that suggest the path is no route of the app: heuristics don't learn from them
-# (nor from validation errors: the value in the path may be what the app rejected).
+# Statuses that suggest the path is no route of the app: heuristics don't learn from them.
+# Validation errors first look for the known route whose parameter was rejected.
 NO_ROUTE_STATUSES = frozenset({404, 405})
 HEADER_CONSUMER = "x-apitally-consumer"
 HEADER_CONSUMER_NAME = "x-apitally-consumer-name"
@@ -99,7 +99,7 @@ class Meter:
             self.resolver.resolve(
                 ex.method,
                 ex.path,
-                ex.status not in NO_ROUTE_STATUSES and ex.status not in VALIDATION_STATUSES,
+                ex.status not in NO_ROUTE_STATUSES,
                 ex.status in VALIDATION_STATUSES,
             )
         )
