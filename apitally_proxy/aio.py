@@ -1,9 +1,10 @@
-"""Small asyncio helpers shared by the drain and the final sync."""
+"""Small asyncio helpers: background loops, and waits a second signal can cut short."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Coroutine
 from typing import Any
 
 
@@ -39,3 +40,31 @@ async def cancel_and_wait(future: asyncio.Future[Any]) -> None:
         future.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await future
+
+
+class Background:
+    """A component's background loops: started by name, stopped together.
+
+    `start` runs a coroutine as a named task; `stop` cancels every task and waits
+    for each to finish (their CancelledError and errors are dropped: a loop that
+    failed has logged why already). Stopping twice, or before starting, is fine.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    def start(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.append(task)
+        return task
+
+    @property
+    def running(self) -> bool:
+        return any(not t.done() for t in self._tasks)
+
+    async def stop(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            await cancel_and_wait(task)

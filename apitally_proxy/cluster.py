@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from apitally_proxy.aio import Background
 from apitally_proxy.metering.prometheus import merge as merge_histograms
 from apitally_proxy.metering.recent import merge as merge_recent
 
@@ -61,10 +62,10 @@ class StatusPublisher:
     def __init__(self, path: Path, status: Callable[[], dict[str, Any]]) -> None:
         self._path = path
         self._status = status
-        self._task: asyncio.Task[None] | None = None
+        self._background = Background()
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="status-publisher")
+        self._background.start(self._run(), "status-publisher")
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -79,11 +80,7 @@ class StatusPublisher:
             await asyncio.sleep(PUBLISH_EVERY)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._background.stop()
         with contextlib.suppress(OSError):
             self._path.unlink()
 

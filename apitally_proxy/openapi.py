@@ -25,6 +25,7 @@ import aiohttp
 import orjson
 import yaml
 
+from apitally_proxy.aio import Background
 from apitally_proxy.config import Upstream
 from apitally_proxy.routes import (
     MAX_ROUTES,
@@ -308,7 +309,7 @@ class RouteDiscovery:
         self._trouble = upstream_trouble or (lambda: 0)
         self._session: aiohttp.ClientSession | None = None  # to the upstream (TCP or unix)
         self._web_session: aiohttp.ClientSession | None = None  # for an absolute openapi_url
-        self._task: asyncio.Task[None] | None = None
+        self._background = Background()
         self._first_round = asyncio.Event()
         self._digest: bytes | None = None
         self._bad_digest: bytes | None = None
@@ -320,7 +321,7 @@ class RouteDiscovery:
         self.fetches = 0
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="route-discovery")
+        self._background.start(self._run(), "route-discovery")
 
     async def first_round(self, timeout: float) -> None:
         """Wait (at most `timeout` s) for the first discovery attempt to finish."""
@@ -328,11 +329,7 @@ class RouteDiscovery:
             await asyncio.wait_for(self._first_round.wait(), timeout)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._background.stop()
         for session in (self._session, self._web_session):
             if session is not None:
                 await session.close()

@@ -322,6 +322,40 @@ class Worker:
         return {**self.status(), "recent": self.meter.recent.snapshot()}
 
     async def start(self, reuse_port: bool = False) -> None:
+        """Start every part; if one fails, those already started stop again, in reverse."""
+        async with contextlib.AsyncExitStack() as started:
+            await self._start_proxy_server(started, reuse_port)
+            self._start_publisher(started)
+            await self._start_admin(started)
+            if self.request_log is not None:
+                await self.request_log.start()
+                started.push_async_callback(self.request_log.close)
+            # Traffic already flows; give the first route discovery a moment so the first
+            # startup message carries the app's paths instead of a quick re-announce.
+            self.discovery.start()
+            started.push_async_callback(self.discovery.stop)
+            await self.discovery.first_round(timeout=2.0)
+            await self.sync.start()
+            started.pop_all()  # all up: from here on, drain_and_stop stops them in order
+        self.ready = True
+        s = self.settings
+        mode = {"hub": f"hub {s.hub_url}", "otlp": f"OTLP {s.otlp_endpoint}"}.get(self.mode) or (
+            f"OTLP collector {s.collector_endpoint}"
+            if self.mode == "collector"
+            else f"local mode ({self.transport.path})"  # type: ignore[attr-defined]
+        )
+        log.info(
+            "worker %d proxying %s -> %s, instance %s, %s",
+            self.lease.slot,
+            s.listen_address,
+            s.upstream_target,
+            self.lease.uuid,
+            mode,
+        )
+
+    async def _start_proxy_server(
+        self, started: contextlib.AsyncExitStack, reuse_port: bool
+    ) -> None:
         s = self.settings
         server = _ProxyServer(
             self.proxy.handle,
@@ -333,94 +367,85 @@ class Worker:
             max_field_size=s.max_field_size,
             max_headers=s.max_headers,
         )
-        self._runner = web.ServerRunner(
+        runner = web.ServerRunner(
             # drain_and_stop cuts what outlives its deadline; aiohttp's own timeout (which
             # waits twice over) only backs that up.
             server,
             handle_signals=False,
             shutdown_timeout=s.shutdown_grace,
         )
-        await self._runner.setup()
+        started.push_async_callback(self.proxy.close)
+        await runner.setup()
+        started.push_async_callback(runner.cleanup)
         addr = s.listen_address
         try:
             await web.TCPSite(
-                self._runner, addr.host or None, addr.port, reuse_port=reuse_port, backlog=2048
+                runner, addr.host or None, addr.port, reuse_port=reuse_port, backlog=2048
             ).start()
         except OSError as exc:
-            await self._runner.cleanup()
-            await self.proxy.close()
             raise ConfigError(
                 f"cannot listen on {addr} ({exc.strerror or exc}); "
                 "set --listen / APITALLY_PROXY_LISTEN to a free local address"
             ) from None
-        admin = s.admin_address
-        status_dir = self.lease.path.parent
+        self._runner = runner
+
+    def _start_publisher(self, started: contextlib.AsyncExitStack) -> None:
+        s = self.settings
         if s.workers > 1 and self.slot > 0:
             # Worker 0 serves the admin endpoints for everyone from these files.
+            status_dir = self.lease.path.parent
             self._publisher = StatusPublisher(
                 status_path(status_dir, self.slot), self.dashboard_status
             )
             self._publisher.start()
-        if admin is not None and self.slot == 0:
-            _warn_if_exposed(admin.host, s.admin_token is not None)
-            status, dashboard = self.status, self.dashboard_status
-            if s.workers > 1:
+            started.push_async_callback(self._publisher.stop)
 
-                def status() -> dict[str, Any]:
-                    return merged_status(self.status(), status_dir, s.workers)
+    async def _start_admin(self, started: contextlib.AsyncExitStack) -> None:
+        s = self.settings
+        admin = s.admin_address
+        if admin is None or self.slot != 0:
+            return
+        _warn_if_exposed(admin.host, s.admin_token is not None)
+        status_dir = self.lease.path.parent
+        status, dashboard = self.status, self.dashboard_status
+        if s.workers > 1:
 
-                def dashboard() -> dict[str, Any]:
-                    return merged_status(self.dashboard_status(), status_dir, s.workers)
+            def status() -> dict[str, Any]:
+                return merged_status(self.status(), status_dir, s.workers)
 
-            self._admin_runner = web.AppRunner(
-                build_admin_app(
-                    status,
-                    lambda: self.ready,
-                    frozenset(s.admin_allowed_hosts),
-                    s.admin_token,
-                    dashboard,
-                    lambda: self.draining,
-                ),
-                access_log=None,
-            )
-            await self._admin_runner.setup()
-            try:
-                await web.TCPSite(self._admin_runner, admin.host or None, admin.port).start()
-            except OSError as exc:
-                # Another process would answer this proxy's health checks: refuse to run.
-                await self._admin_runner.cleanup()
-                self._admin_runner = None
-                raise ConfigError(
-                    f"cannot listen on admin address {admin} ({exc.strerror or exc}); set "
-                    "--admin-listen / APITALLY_PROXY_ADMIN_LISTEN to a free address, or `off`"
-                ) from None
-        if self.request_log is not None:
-            await self.request_log.start()
-        # Traffic already flows; give the first route discovery a moment so the first
-        # startup message carries the app's paths instead of a quick re-announce.
-        self.discovery.start()
-        await self.discovery.first_round(timeout=2.0)
-        await self.sync.start()
-        self.ready = True
-        mode = {"hub": f"hub {s.hub_url}", "otlp": f"OTLP {s.otlp_endpoint}"}.get(self.mode) or (
-            f"OTLP collector {s.collector_endpoint}"
-            if self.mode == "collector"
-            else f"local mode ({self.transport.path})"  # type: ignore[attr-defined]
+            def dashboard() -> dict[str, Any]:
+                return merged_status(self.dashboard_status(), status_dir, s.workers)
+
+        runner = web.AppRunner(
+            build_admin_app(
+                status,
+                lambda: self.ready,
+                frozenset(s.admin_allowed_hosts),
+                s.admin_token,
+                dashboard,
+                lambda: self.draining,
+            ),
+            access_log=None,
         )
-        log.info(
-            "worker %d proxying %s -> %s, instance %s, %s",
-            self.lease.slot,
-            addr,
-            s.upstream_target,
-            self.lease.uuid,
-            mode,
-        )
+        await runner.setup()
+        started.push_async_callback(runner.cleanup)
+        try:
+            await web.TCPSite(runner, admin.host or None, admin.port).start()
+        except OSError as exc:
+            # Another process would answer this proxy's health checks: refuse to run.
+            raise ConfigError(
+                f"cannot listen on admin address {admin} ({exc.strerror or exc}); set "
+                "--admin-listen / APITALLY_PROXY_ADMIN_LISTEN to a free address, or `off`"
+            ) from None
+        self._admin_runner = runner
 
     async def drain_and_stop(self, hurry: asyncio.Event | None = None) -> None:
         """Stop accepting, let in-flight requests finish (bounded), final sync.
 
-        Setting `hurry` (a second signal) cuts the grace period short; the final
-        payload is still spooled, and its delivery is abandoned when hurried.
+        Not a plain reverse of `start`: the listener goes first (no new requests), the
+        final sync only after the last request was counted, and the admin server last
+        (probes keep answering). Setting `hurry` (a second signal) cuts the grace period
+        short; the final payload is still spooled, and its delivery is abandoned.
         """
         self.ready = False
         self.draining = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import pytest
 
 
 async def test_workers_share_the_port_and_counts_add_up(hub, upstream, start_proxy, hub_args):
@@ -78,3 +79,33 @@ async def test_admin_endpoints_report_every_worker(hub, upstream, start_proxy, h
     async with aiohttp.ClientSession() as s, s.get(proxy.admin_url + "/metrics") as r:
         assert 'apitally_proxy_requests_total{status="200"} 40.0' in await r.text()
     assert await proxy.stop() == 0
+
+
+async def test_a_start_that_fails_half_way_stops_what_it_started(upstream, tmp_path):
+    """The admin port is taken: the proxy port opened first must be closed again (no
+    half-started worker keeps a listener), and the error names the setting."""
+    import socket
+
+    from apitally_proxy.config import ConfigError, load_settings
+    from apitally_proxy.server import Worker
+    from tests.support.proxy_process import free_port
+
+    listen = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        admin = taken.getsockname()[1]
+        settings = load_settings(
+            {
+                "upstream": upstream.url,
+                "listen": f"127.0.0.1:{listen}",
+                "admin_listen": f"127.0.0.1:{admin}",
+                "state_dir": str(tmp_path),
+            }
+        )
+        worker = Worker(settings)
+        with pytest.raises(ConfigError, match="admin address"):
+            await worker.start()
+        worker.lease.release()
+    with socket.socket() as again:  # free again: the worker closed its listener
+        again.bind(("127.0.0.1", listen))

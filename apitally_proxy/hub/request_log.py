@@ -31,6 +31,7 @@ from urllib.parse import parse_qsl, urlencode
 
 import orjson
 
+from apitally_proxy.aio import Background
 from apitally_proxy.config import RequestLogSettings
 from apitally_proxy.hub.transport import Outcome
 from apitally_proxy.text import dumps_lenient
@@ -324,7 +325,7 @@ class RequestLog:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="request-log")
         self._file: _LogFile | None = None
         self._files: deque[Path] = deque()  # rotated, waiting for delivery (oldest first)
-        self._task: asyncio.Task[None] | None = None
+        self._background = Background()
         self._deliver_lock = asyncio.Lock()
         self.suspended_until: float | None = None  # 402 from the hub
         self.paused_until: float | None = None  # disk trouble
@@ -401,7 +402,7 @@ class RequestLog:
     async def start(self) -> None:
         """Adopt files a previous run left, then flush the buffer every second."""
         await self._io(self._adopt)
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="request-log")
+        self._background.start(self._run(), "request-log")
 
     async def _run(self) -> None:
         while True:
@@ -476,11 +477,7 @@ class RequestLog:
 
     async def close(self) -> None:
         """Stop the flush task; write what is buffered and close the current file."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._background.stop()
         try:
             await self.flush()
             await self._io(self._rotate)

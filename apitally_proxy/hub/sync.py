@@ -12,14 +12,13 @@ Two background tasks per worker:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
-from apitally_proxy.aio import cancel_and_wait, wait_or_hurry
+from apitally_proxy.aio import Background, cancel_and_wait, wait_or_hurry
 from apitally_proxy.hub.spool import Spool
 from apitally_proxy.hub.transport import Outcome, Transport
 
@@ -96,7 +95,7 @@ class HubSync:
         self._startup_pending: dict[str, Any] | None = None
         # Payloads the spool could not take (disk full): kept in memory instead.
         self._unspooled: list[dict[str, Any]] = []
-        self._tasks: list[asyncio.Task[None]] = []
+        self._background = Background()
         self._current_sync: asyncio.Future[None] | None = None
         self._checkpointed_at = -1  # source.recorded at the last checkpoint
         self._state_lock = asyncio.Lock()  # closing an interval vs checkpointing it
@@ -148,11 +147,8 @@ class HubSync:
             )
         self.queued = len(await self._io(self.spool.entries))
         self.announce()
-        loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(self._run_syncs(), name="hub-sync"),
-            loop.create_task(self._run_checkpoints(), name="hub-checkpoint"),
-        ]
+        self._background.start(self._run_syncs(), "hub-sync")
+        self._background.start(self._run_checkpoints(), "hub-checkpoint")
 
     def _spool_checkpoint(self, payloads: list[dict[str, Any]]) -> None:
         for payload in payloads:
@@ -192,12 +188,7 @@ class HubSync:
         When `hurry` is set (a second signal), delivery is abandoned; the
         spooled payloads go out at the next start.
         """
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+        await self._background.stop()
         # One deadline for both: the sync the loop was in, then the final delivery.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + final_sync_timeout
