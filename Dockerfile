@@ -30,12 +30,11 @@ WORKDIR /src
 # README.md* so the build still works before a README exists (pyproject names it).
 COPY pyproject.toml README.md* ./
 COPY apitally_proxy ./apitally_proxy
-# Behind a proxy that intercepts TLS, pass its CA bundle as the build secret "ca"
-# (--secret id=ca,src=/etc/ssl/certs/ca-certificates.crt): pip trusts it for this
-# step only, and it is in no layer. Without the secret pip uses its own CA list.
-RUN --mount=type=secret,id=ca \
-    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
- && python3 -m venv /opt/apitally-proxy \
+# Behind a proxy that intercepts TLS, pip needs its CA bundle, for this step only:
+# mount it and name it in PIP_CERT (scripts/build-image does, with buildah's --volume).
+# Nothing is copied into the image, and an ARG is not in its environment.
+ARG PIP_CERT
+RUN python3 -m venv /opt/apitally-proxy \
  && /opt/apitally-proxy/bin/pip install --no-cache-dir . \
  && rm -rf /src
 
