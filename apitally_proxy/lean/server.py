@@ -1,0 +1,792 @@
+"""A lean client-facing HTTP/1.1 server: an asyncio protocol on aiohttp's C parser.
+
+One `_Connection` per client socket. `data_received` feeds aiohttp's
+`HttpRequestParser` (llhttp, the same parser and the same strictness as the
+product's aiohttp server: CL+TE, duplicate Content-Length or Host, obs-fold, NUL,
+bad chunk sizes and oversize lines are refused by it), and queues complete heads.
+One task per busy connection answers them in order (pipelining), each as:
+
+    refuse? → raw request head (headers.request_head) → LeanUpstream.send
+    → response head (headers.response_fields) + first body chunk in one write
+    → the rest of the body streamed, with backpressure both ways → one Exchange
+      to the recorder
+
+No web.Request, no web.StreamResponse, no header multidict built by the proxy,
+no per-request closures on the common path. Flow control: the transport's write
+buffer pauses the relay (`pause_writing`), request bodies pause the socket when
+their StreamReader is full, pipelined heads pause it past `max_pipelined`.
+Timeouts are one sweep a second over all connections (idle keep-alive and
+unfinished heads, i.e. slowloris; clients that stop reading).
+
+A prototype: WebSocket and other upgrades are answered 501, request/response
+body captures (validation errors, request log) are not wired. See
+docs/lean-server.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp._http_parser import HttpRequestParser
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+
+from apitally_proxy.config import Settings, Upstream
+from apitally_proxy.lean.headers import (
+    CHUNKED,
+    CRLF,
+    RawHeaders,
+    date_line,
+    header_bytes,
+    interim_head,
+    request_head,
+    response_fields,
+    status_line,
+)
+from apitally_proxy.lean.upstream import LeanResponse, LeanUpstream
+from apitally_proxy.proxy import Exchange
+from apitally_proxy.upstream import ClientBodyError, InvalidResponse
+
+log = logging.getLogger("apitally_proxy.lean")
+
+Recorder = Callable[[Exchange], None]
+
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+SUPPORTED_VERSIONS = frozenset({(1, 0), (1, 1)})
+STATUS_CLIENT_CLOSED = 499
+STATUS_CUT_BY_SHUTDOWN = 503
+NO_BODY_STATUSES = frozenset({204, 304})
+CLOSE = b"Connection: close\r\n"
+KEEP_ALIVE = b"Connection: keep-alive\r\n"
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+LAST_CHUNK = b"0\r\n\r\n"
+SMALL_WRITE = 16 * 1024  # below this, head and first chunk are joined; above, writelines
+REASONS = {
+    400: "Bad Request",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    414: "URI Too Long",
+    431: "Request Header Fields Too Large",
+    499: "Client Closed Request",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+    505: "HTTP Version Not Supported",
+}
+
+
+@dataclass(frozen=True)
+class LeanConfig:
+    """The limits and timeouts the lean server needs (the same names as Settings)."""
+
+    upstream: Upstream
+    max_line_size: int = 8190
+    max_field_size: int = 8190
+    max_headers: int = 128
+    max_header_bytes: int = 65536
+    client_keepalive: float = 75.0  # idle keep-alive, and the most an unfinished head may take
+    client_body_timeout: float = 60.0  # a pause in a request body (408), or a client not reading
+    upstream_connect_timeout: float = 5.0
+    upstream_timeout: float = 60.0
+    upstream_keepalive: float = 1.0
+    upstream_pool_size: int = 0
+    max_response_field_size: int = 16384
+    max_response_headers: int = 200
+    max_interim_responses: int = 10
+    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    keep_request_headers: bool = False  # consumer_header: the meter reads request headers
+    write_buffer_high: int = 64 * 1024  # the relay waits while more than this is unsent
+    read_limit: int = 64 * 1024  # request body bytes buffered before the socket pauses (2x)
+    max_pipelined: int = 16  # complete heads queued on one connection before it pauses
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> LeanConfig:
+        return cls(
+            upstream=s.upstream_target,
+            max_line_size=s.max_line_size,
+            max_field_size=s.max_field_size,
+            max_headers=s.max_headers,
+            max_header_bytes=s.max_header_bytes,
+            client_keepalive=s.client_keepalive,
+            client_body_timeout=s.client_body_timeout,
+            upstream_connect_timeout=s.upstream_connect_timeout,
+            upstream_timeout=s.upstream_timeout,
+            upstream_keepalive=s.upstream_keepalive,
+            upstream_pool_size=s.upstream_pool_size,
+            max_response_field_size=s.max_response_field_size,
+            max_response_headers=s.max_response_headers,
+            max_interim_responses=s.max_interim_responses,
+            trusted_networks=tuple(s.trusted_networks),
+            keep_request_headers=s.consumer_header is not None,
+        )
+
+
+def own_response(
+    status: int, text: str, *, close: bool, version: tuple[int, int] = (1, 1)
+) -> bytes:
+    """A response the proxy writes itself (refusals, 502/504): plain text, nothing else."""
+    body = text.encode()
+    return b"".join(
+        (
+            status_line(version, status, REASONS.get(status, "Error")),
+            b"Content-Type: text/plain; charset=utf-8\r\n",
+            b"Content-Length: %d\r\n" % len(body),
+            date_line(),
+            CLOSE if close else (KEEP_ALIVE if version == (1, 0) else b""),
+            CRLF,
+            body,
+        )
+    )
+
+
+def error_status(exc: BaseException) -> tuple[int, str, str]:
+    """(status, kind, reason) for a failure to reach the upstream, as ReverseProxy maps it."""
+    if isinstance(exc, ClientBodyError):
+        return exc.status, "client_body", str(exc)
+    if isinstance(exc, TimeoutError):
+        return 504, "timeout", "the upstream did not answer in time"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return 502, "connect", "the upstream refused the connection"
+    if isinstance(exc, (InvalidResponse, aiohttp.ClientResponseError)):
+        return 502, "protocol", "the upstream sent an invalid response"
+    if isinstance(exc, (aiohttp.ClientConnectionError, OSError)):
+        return 502, "reset", "the upstream closed the connection"
+    return 502, "internal", "the proxy failed to forward the request"
+
+
+def parser_refusal(exc: BaseException) -> int:
+    """The status for a head the parser refused: 414/431 for oversize lines, else 400."""
+    if isinstance(exc, LineTooLong):
+        # The request line is collected in a bytearray, header fields in bytes.
+        return 414 if isinstance(exc.args[0], bytearray) else 431
+    if isinstance(exc, HttpProcessingError) and "Too many headers" in str(exc):
+        return 431
+    return 400
+
+
+class _ClientGone(ConnectionError):
+    """The client's connection closed while a response was being written."""
+
+
+class LeanServer:
+    """Listens, owns the connections and the upstream pool; counts what it refused."""
+
+    def __init__(self, config: LeanConfig, recorder: Recorder) -> None:
+        self.config = config
+        self.recorder = recorder
+        up = config.upstream
+        self.base_path = up.base_path.encode("ascii")
+        self.pool = LeanUpstream(
+            up,
+            connect_timeout=config.upstream_connect_timeout,
+            read_timeout=config.upstream_timeout,
+            keepalive=config.upstream_keepalive,
+            limit=config.upstream_pool_size,
+            body_timeout=config.client_body_timeout,
+            max_field_size=config.max_response_field_size,
+            max_headers=config.max_response_headers,
+            max_interim=config.max_interim_responses,
+        )
+        self.default_host = self.pool.default_host.encode("ascii")
+        self._header_sum_threshold = config.max_header_bytes // (2 * config.max_field_size)
+        self._trust_cache: dict[str, bool] = {}
+        self.connections: set[_Connection] = set()
+        self.in_flight = 0
+        self.refused = 0  # answered by the proxy itself, never forwarded, not metered
+        self.upstream_errors: dict[str, int] = {}
+        self.cut_by_shutdown = 0
+        self.draining = False
+        self.cutting = False
+        self._listener: asyncio.AbstractServer | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._all_closed: asyncio.Event | None = None
+
+    # Listening.
+
+    async def start(
+        self, host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False
+    ) -> int:
+        """Listen on host:port; returns the port (useful with port 0)."""
+        loop = asyncio.get_running_loop()
+        self._listener = await loop.create_server(
+            lambda: _Connection(self, loop),
+            host,
+            port,
+            reuse_port=reuse_port or None,
+            backlog=2048,
+        )
+        self._sweeper = loop.call_later(1.0, self._sweep)
+        sockets = self._listener.sockets
+        return int(sockets[0].getsockname()[1]) if sockets else port
+
+    def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for conn in list(self.connections):
+            conn.check_timeouts(now)
+        self._sweeper = loop.call_later(1.0, self._sweep)
+
+    def trusted(self, peer: str) -> bool:
+        networks = self.config.trusted_networks
+        if not networks or not peer:
+            return False
+        known = self._trust_cache.get(peer)
+        if known is None:
+            try:
+                addr = ipaddress.ip_address(peer)
+                known = any(addr in net for net in networks)
+            except ValueError:
+                known = False
+            if len(self._trust_cache) > 4096:
+                self._trust_cache.clear()
+            self._trust_cache[peer] = known
+        return known
+
+    def count_error(self, kind: str) -> None:
+        self.upstream_errors[kind] = self.upstream_errors.get(kind, 0) + 1
+
+    def forget(self, conn: _Connection) -> None:
+        self.connections.discard(conn)
+        if not self.connections and self._all_closed is not None:
+            self._all_closed.set()
+
+    # Drain and shutdown.
+
+    async def drain(self, timeout: float) -> int:
+        """Stop listening, let in-flight requests finish for up to `timeout` seconds,
+        then cut what is left (metered as 503). Returns how many requests were cut."""
+        self.draining = True
+        if self._listener is not None:
+            self._listener.close()
+        self._all_closed = asyncio.Event()
+        for conn in list(self.connections):
+            conn.close_if_idle()
+        if not self.connections:
+            self._all_closed.set()
+        cut = 0
+        try:
+            await asyncio.wait_for(self._all_closed.wait(), max(0.0, timeout))
+        except TimeoutError:
+            cut = self.cut_in_flight()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_closed.wait(), 1.0)
+        await self.close()
+        return cut
+
+    def cut_in_flight(self) -> int:
+        """Cancel every request still running (the drain's deadline); returns how many."""
+        self.cutting = True
+        cut = 0
+        for conn in list(self.connections):
+            if conn.cut():
+                cut += 1
+        return cut
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        if self._listener is not None:
+            self._listener.close()
+            with contextlib.suppress(Exception):
+                await self._listener.wait_closed()
+            self._listener = None
+        for conn in list(self.connections):
+            conn.abort()
+        await self.pool.close()
+
+
+class _Connection(BaseProtocol):
+    """One client connection: parse, queue, answer in order."""
+
+    __slots__ = (
+        "_closing",
+        "_idle_since",
+        "_pipeline_paused",
+        "_queue",
+        "_stalled_since",
+        "_task",
+        "peer",
+        "server",
+    )
+
+    def __init__(self, server: LeanServer, loop: asyncio.AbstractEventLoop) -> None:
+        cfg = server.config
+        super().__init__(loop)
+        self._parser: Any = HttpRequestParser(
+            self,
+            loop,
+            cfg.read_limit,
+            max_line_size=cfg.max_line_size,
+            max_headers=cfg.max_headers,
+            max_field_size=cfg.max_field_size,
+            payload_exception=ClientBodyError,
+            auto_decompress=False,  # bodies pass as sent, compressed or not
+        )
+        self.server = server
+        self.peer = ""
+        # Complete heads waiting their turn (pipelining); a refusal is queued as an int.
+        self._queue: deque[tuple[Any, StreamReader] | int] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False  # nothing more is read or parsed
+        self._pipeline_paused = False
+        self._idle_since = loop.time()
+        self._stalled_since = 0.0  # when the client stopped reading our writes
+
+    # asyncio.Protocol.
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        tr = self.transport
+        assert tr is not None
+        tr.set_write_buffer_limits(high=self.server.config.write_buffer_high)
+        peername = tr.get_extra_info("peername")
+        self.peer = peername[0] if isinstance(peername, tuple) else ""
+        self.server.connections.add(self)
+        if self.server.draining:
+            self.abort()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self._closing = True
+        self.server.forget(self)
+        gone = ConnectionResetError("client connection lost")
+        for item in self._queue:
+            if not isinstance(item, int) and item[1] is not EMPTY_PAYLOAD:
+                item[1].set_exception(gone)
+        if self._task is not None and not self._task.done():
+            self._task.cancel()  # the client left: its request is a 499
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        try:
+            messages, _upgraded, _tail = self._parser.feed_data(data)
+        except Exception as exc:
+            self._refuse_stream(parser_refusal(exc), exc)
+            return
+        if not messages:
+            return
+        queue = self._queue
+        queue.extend(messages)
+        if len(queue) >= self.server.config.max_pipelined and not self._pipeline_paused:
+            self._pipeline_paused = True
+            self._pause_reading_for_buffer()
+        if self._task is None:
+            self._task = self._loop.create_task(self._run())
+
+    def eof_received(self) -> bool:
+        # A half-close ends the stream of requests; answers already owed still go out.
+        with contextlib.suppress(Exception):
+            self._parser.feed_eof()
+        self._closing = True
+        last = self._queue[-1] if self._queue else None
+        if isinstance(last, tuple) and last[1] is not EMPTY_PAYLOAD and not last[1].is_eof():
+            last[1].set_exception(ClientBodyError("request body cut short"))
+        if self._task is None:
+            self.close()
+        return True
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._stalled_since = self._loop.time()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._stalled_since = 0.0
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        # StreamReader calls this on every read below its low-water mark: only a real
+        # pause needs undoing (and re-feeding the parser what it held back).
+        if self._reading_paused:
+            super().resume_reading(resume_parser)
+
+    # Timeouts, closing, cutting.
+
+    def check_timeouts(self, now: float) -> None:
+        cfg = self.server.config
+        if self._task is None and not self._queue:
+            # Idle keep-alive, or a head still arriving: bounded by client_keepalive.
+            if now - self._idle_since > cfg.client_keepalive:
+                self.abort()
+        elif self._stalled_since and now - self._stalled_since > cfg.client_body_timeout:
+            self.abort()  # the client stopped reading what we send
+
+    def close_if_idle(self) -> None:
+        if self._task is None and not self._queue:
+            self.close()
+
+    def close(self) -> None:
+        self._closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self._closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def cut(self) -> bool:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            return True
+        return False
+
+    def _refuse_stream(self, status: int, exc: BaseException) -> None:
+        """The parser refused the byte stream: answer in turn, read nothing more, close."""
+        self._closing = True
+        log.info("refused a request from %s: %d %s", self.peer, status, exc)
+        queue = self._queue
+        last = queue[-1] if queue else None
+        if isinstance(last, tuple) and last[1] is not EMPTY_PAYLOAD and not last[1].is_eof():
+            # The broken framing is inside the last request's body (a bad chunk size…).
+            if len(queue) == 1 and self._task is not None:
+                # Being forwarded right now: its upload fails, it is answered 400 and
+                # metered (the app saw its head), and the connection closes after.
+                last[1].set_exception(ClientBodyError(f"malformed request body: {exc}"))
+                return
+            queue[-1] = status  # still queued: never forwarded, answered 400 in its turn
+        else:
+            queue.append(status)
+        self.server.refused += 1
+        if self._task is None:
+            self._task = self._loop.create_task(self._run())
+
+    # Answering, in order.
+
+    async def _run(self) -> None:
+        queue = self._queue
+        try:
+            while queue and self.transport is not None:
+                item = queue[0]
+                if isinstance(item, int):
+                    self._write(own_response(item, f"{REASONS.get(item, 'refused')}\n", close=True))
+                    self.close()
+                    return
+                keep = await self._handle(item[0], item[1])
+                queue.popleft()
+                if self._pipeline_paused and len(queue) < self.server.config.max_pipelined // 2:
+                    self._pipeline_paused = False
+                    self._resume_reading_for_buffer()
+                if not keep or self.server.draining:
+                    self._closing = True
+                    self.close()
+                    return
+        finally:
+            self._task = None
+            self._idle_since = self._loop.time()
+            if self._closing and self.transport is not None and not queue:
+                self.close()
+
+    def _write(self, data: bytes) -> None:
+        tr = self.transport
+        if tr is None or tr.is_closing():
+            raise _ClientGone()
+        tr.write(data)
+
+    async def _drain(self) -> None:
+        if self._paused:
+            await self._drain_helper()
+
+    def _refusal(self, msg: Any) -> tuple[int, str, bool] | None:
+        """(status, text, close) for requests the proxy answers itself, else None."""
+        if msg.version not in SUPPORTED_VERSIONS:
+            return 505, "HTTP version not supported: use HTTP/1.1\n", True
+        method = msg.method
+        if method == "CONNECT":
+            return 405, "CONNECT is not supported by this proxy\n", True
+        if msg.upgrade:
+            # The prototype does not relay WebSocket (or any) upgrades yet.
+            return 501, "protocol upgrades are not supported by this server\n", True
+        path = msg.path
+        if not path.startswith("/") and not msg.url.raw_authority:
+            return 400, "request target must start with /\n", False
+        raw = msg.raw_headers
+        server = self.server
+        if (
+            len(raw) > server._header_sum_threshold
+            and header_bytes(raw) > server.config.max_header_bytes
+        ):
+            return 431, "request header fields too large\n", True
+        if msg.chunked:
+            te = msg.headers.get("Transfer-Encoding", "")
+            if te.strip().lower() != "chunked":
+                return 501, "unsupported Transfer-Encoding\n", True
+        return None
+
+    async def _handle(self, msg: Any, payload: StreamReader) -> bool:
+        """Answer one request; records exactly one Exchange unless refused. Returns
+        whether the connection may carry another request."""
+        started = time.perf_counter()
+        server = self.server
+        path: str = msg.path
+        absolute = not path.startswith("/")
+        if absolute:
+            url = msg.url
+            path = url.raw_path_qs if url.raw_authority else path
+        q = path.find("?")
+        exchange = Exchange(msg.method, path if q < 0 else path[:q])
+        if server.config.keep_request_headers:
+            exchange.request_headers = msg.headers
+        keep = not msg.should_close
+        has_body = payload is not EMPTY_PAYLOAD
+        refusal = self._refusal(msg)
+        if refusal is not None:
+            status, text, close = refusal
+            exchange.status = status
+            server.refused += 1
+            keep = keep and not close and (not has_body or payload.is_eof())
+            self._write(own_response(status, text, close=not keep, version=(1, 1)))
+            return keep
+        server.in_flight += 1
+        try:
+            keep = await self._forward(msg, payload, has_body, absolute, exchange, started, keep)
+        except asyncio.CancelledError:
+            if server.cutting:
+                server.cut_by_shutdown += 1
+                if not exchange.got_headers:
+                    exchange.status = STATUS_CUT_BY_SHUTDOWN
+                    with contextlib.suppress(Exception):
+                        self._write(
+                            own_response(503, "cut by shutdown\n", close=True, version=(1, 1))
+                        )
+            else:
+                exchange.status = STATUS_CLIENT_CLOSED
+            raise
+        except ConnectionError:  # _ClientGone, or a write that failed on a closed socket
+            exchange.status = STATUS_CLIENT_CLOSED
+            keep = False
+        finally:
+            server.in_flight -= 1
+            if not exchange.got_headers:
+                exchange.response_time = time.perf_counter() - started
+            try:
+                server.recorder(exchange)
+            except Exception:  # metering must never break proxying
+                log.exception("recording a request failed")
+        if has_body and not payload.is_eof():
+            keep = False  # answered before the whole body came: the rest cannot be parsed
+        return keep
+
+    async def _forward(
+        self,
+        msg: Any,
+        payload: StreamReader,
+        has_body: bool,
+        absolute: bool,
+        exchange: Exchange,
+        started: float,
+        keep: bool,
+    ) -> bool:
+        server = self.server
+        method: str = msg.method
+        authority: bytes | None = None
+        if absolute:
+            url = msg.url
+            authority = url.raw_authority.encode("utf-8", "surrogateescape")
+            target = url.raw_path_qs.encode("utf-8", "surrogateescape")
+        else:
+            target = msg.path.encode("utf-8", "surrogateescape")
+        if server.base_path:
+            target = server.base_path + target
+        raw: RawHeaders = msg.raw_headers
+        peer = self.peer
+        chunked = bool(msg.chunked)
+        head = request_head(
+            method,
+            target,
+            raw,
+            peer=peer,
+            trusted=server.trusted(peer),
+            authority=authority,
+            chunked=chunked,
+            default_host=server.default_host,
+        )
+        body: AsyncIterator[bytes] | None = None
+        if has_body:
+            body = self._body(payload, exchange, msg)
+        elif msg.headers.get("Content-Length") == "0":
+            exchange.request_size = 0  # a declared empty body has a size
+        on_interim = self._interim if msg.version >= (1, 1) else None
+        try:
+            upstream = await server.pool.send(
+                method,
+                head,
+                body,
+                chunked,
+                retry_stale=not has_body and method in IDEMPOTENT_METHODS,
+                on_interim=on_interim,
+            )
+        except Exception as exc:
+            return self._failed(exc, exchange, keep, msg.version)
+        exchange.response_time = time.perf_counter() - started
+        exchange.got_headers = True
+        try:
+            return await self._relay(msg, upstream, exchange, keep)
+        finally:
+            upstream.release()
+
+    def _interim(self, status: int, reason: str, raw: RawHeaders) -> None:
+        self._write(interim_head(status, reason, raw))
+
+    async def _body(
+        self, payload: StreamReader, exchange: Exchange, msg: Any
+    ) -> AsyncIterator[bytes]:
+        exchange.request_size = 0
+        if msg.version >= (1, 1):
+            expect = msg.headers.get("Expect")
+            if expect is not None and expect.lower() == "100-continue":
+                # The client waits for this before it sends the body; the upstream
+                # never sees Expect (the body is on its way before it could answer).
+                self._write(CONTINUE)
+        while True:
+            chunk = await payload.readany()
+            if not chunk:
+                return
+            exchange.request_size += len(chunk)
+            yield chunk
+
+    def _failed(
+        self, exc: BaseException, exchange: Exchange, keep: bool, version: tuple[int, int]
+    ) -> bool:
+        status, kind, reason = error_status(exc)
+        server = self.server
+        exchange.status = status
+        if kind == "client_body":
+            log.info("%s %s -> %d: %s", exchange.method, exchange.path, status, reason)
+            keep = False
+        else:
+            server.count_error(kind)
+            exchange.upstream_error = kind
+            if kind == "internal":
+                log.error(
+                    "unexpected error forwarding %s %s",
+                    exchange.method,
+                    exchange.path,
+                    exc_info=exc,
+                )
+            else:
+                log.warning(
+                    "%s %s -> %d: %s (%s: %s)",
+                    exchange.method,
+                    exchange.path,
+                    status,
+                    reason,
+                    type(exc).__name__,
+                    exc,
+                )
+        if isinstance(exc, _ClientGone):
+            raise exc
+        with contextlib.suppress(_ClientGone):
+            self._write(own_response(status, f"{status} {reason}\n", close=not keep))
+        return keep
+
+    def _response_head(
+        self, msg: Any, upstream: LeanResponse, exchange: Exchange, keep: bool
+    ) -> tuple[bytes, bool, bool, bool]:
+        """(head, bodiless, chunked_out, keep) for relaying this upstream answer."""
+        status = upstream.status
+        exchange.status = status
+        fields = response_fields(upstream.raw_headers)
+        exchange.apitally_headers = fields.apitally
+        version: tuple[int, int] = msg.version
+        bodiless = msg.method == "HEAD" or status in NO_BODY_STATUSES or status < 200
+        chunked_out = False
+        parts = fields.lines
+        if not fields.has_date:
+            parts.append(date_line())
+        if not bodiless and not fields.has_length:
+            # A chunked or close-delimited upstream body: chunked to HTTP/1.1 clients,
+            # close-delimited to HTTP/1.0 ones.
+            if version >= (1, 1):
+                chunked_out = True
+                parts.append(CHUNKED)
+            else:
+                keep = False
+        if self.server.draining:
+            keep = False
+        if not keep:
+            parts.append(CLOSE)
+        elif version == (1, 0):
+            parts.append(KEEP_ALIVE)
+        parts.append(CRLF)
+        head = status_line(version, status, upstream.reason) + b"".join(parts)
+        return head, bodiless, chunked_out, keep
+
+    async def _relay(
+        self, msg: Any, upstream: LeanResponse, exchange: Exchange, keep: bool
+    ) -> bool:
+        """The response head and first chunk in one write, then the body as it comes."""
+        head, bodiless, chunked_out, keep = self._response_head(msg, upstream, exchange, keep)
+        content = upstream.content
+        if bodiless or content is EMPTY_PAYLOAD:
+            self._write(head)
+            return keep
+        try:
+            first = content.read_nowait(-1)
+            exchange.response_size = len(first)
+            if chunked_out and first:
+                first = b"%x\r\n%b\r\n" % (len(first), first)
+            done = content.at_eof()
+            if done and chunked_out:
+                first += LAST_CHUNK
+            tr = self.transport
+            if tr is None or tr.is_closing():
+                raise _ClientGone()
+            # Head and first chunk in one write (writelines: one writev, no copy).
+            if len(first) < SMALL_WRITE:
+                tr.write(head + first)
+            else:
+                tr.writelines((head, first))
+            if not done:
+                await self._stream(content, exchange, chunked_out)
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+            if isinstance(exc, aiohttp.ClientConnectionResetError) or self.transport is None:
+                raise _ClientGone() from exc  # writing to the client failed: the client left
+            # The upstream broke off mid-body; the status line is out, so the only honest
+            # signal left is to cut the client connection short.
+            kind = "timeout" if isinstance(exc, TimeoutError) else "aborted"
+            self.server.count_error(f"body_{kind}")
+            exchange.upstream_error = f"body_{kind}"
+            log.warning("upstream %s mid-response for %s %s", kind, exchange.method, exchange.path)
+            self.abort()
+            return False
+        return keep
+
+    async def _stream(self, content: StreamReader, exchange: Exchange, chunked: bool) -> None:
+        """The rest of a body, chunk by chunk as it arrives, waiting while the client lags."""
+        if self._paused:
+            await self._drain_helper()
+        size = exchange.response_size
+        while True:
+            chunk = await content.readany()
+            if not chunk:
+                break
+            n = len(chunk)
+            size += n
+            exchange.response_size = size
+            tr = self.transport
+            if tr is None or tr.is_closing():
+                raise _ClientGone()
+            if chunked:
+                tr.writelines((b"%x\r\n" % n, chunk, CRLF))
+            else:
+                tr.write(chunk)
+            if self._paused:
+                await self._drain_helper()
+        if chunked:
+            self._write(LAST_CHUNK)
+
+
+__all__ = ["LeanConfig", "LeanServer", "error_status", "own_response", "parser_refusal"]
