@@ -21,35 +21,12 @@ import orjson
 from apitally_proxy.aio import Background
 from apitally_proxy.metering.prometheus import merge as merge_histograms
 from apitally_proxy.metering.recent import merge as merge_recent
+from apitally_proxy.status import merge as merge_status
 
 log = logging.getLogger("apitally_proxy")
 
 PUBLISH_EVERY = 2.0
 STALE_AFTER = 10.0  # a status file older than this belongs to a worker that is gone
-SUMMED = (
-    "requests_total",
-    "unmatched",
-    "route_overflow",
-    "consumer_overflow",
-    "validation_error_overflow",
-    "route_override_overflow",
-    "histogram_overflow",
-    "consumer_unconfirmed",
-    "in_flight",
-    "upstream_retries",
-    "refused",
-)
-SUMMED_MAPS = ("requests_by_status", "upstream_errors")
-HUB_SUMMED = (
-    "queued",
-    "sent",
-    "dropped_rejected",
-    "dropped_expired",
-    "dropped_spool_full",
-    "unencodable",
-    "spool_bytes",
-    "recovered_after_crash",
-)
 
 
 def status_path(directory: Path, slot: int) -> Path:
@@ -92,11 +69,11 @@ def _write(path: Path, data: bytes) -> None:
 
 
 def merged_status(own: dict[str, Any], directory: Path, workers: int) -> dict[str, Any]:
-    """`own` (worker 0's status) plus the counters the other workers published."""
+    """`own` (worker 0's status) plus what the other workers published, field by field
+    as `status.WorkerStatus` says; histograms and the dashboard window element-wise."""
     merged = {
         **own,
-        **{k: {str(code): n for code, n in own[k].items()} for k in SUMMED_MAPS},
-        "hub": dict(own["hub"]),
+        "requests_by_status": {str(k): n for k, n in own["requests_by_status"].items()},
         "histograms": {k: list(v) for k, v in own.get("histograms", {}).items()},
     }
     if "recent" in own:  # the dashboard's view; a snapshot of its own, safe to add into
@@ -113,20 +90,7 @@ def merged_status(own: dict[str, Any], directory: Path, workers: int) -> dict[st
         if now - other.get("published_at", 0) > STALE_AFTER:
             continue
         seen.append(slot)
-        for key in SUMMED:
-            merged[key] += other.get(key, 0)
-        for key in SUMMED_MAPS:
-            for code, n in other.get(key, {}).items():
-                merged[key][code] = merged[key].get(code, 0) + n
-        theirs = other.get("hub", {})
-        for key in HUB_SUMMED:
-            merged["hub"][key] = merged["hub"].get(key, 0) + theirs.get(key, 0)
-        # Healthy only when every worker is; the latest success of any of them.
-        if not theirs.get("ok", True):
-            merged["hub"]["ok"] = False
-            merged["hub"]["problem"] = merged["hub"].get("problem") or theirs.get("problem")
-        if (theirs.get("last_success") or 0) > (merged["hub"].get("last_success") or 0):
-            merged["hub"]["last_success"] = theirs["last_success"]
+        merge_status(merged, other)
         merge_histograms(merged["histograms"], other.get("histograms", {}))
         if "recent" in merged and "recent" in other:
             merge_recent(merged["recent"], other["recent"])

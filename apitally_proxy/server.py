@@ -53,6 +53,7 @@ from apitally_proxy.otlp.spans import SpanBuilder, SpanExports
 from apitally_proxy.otlp.transport import OtlpTransport
 from apitally_proxy.proxy import Exchange, ReverseProxy
 from apitally_proxy.routes import MatchRules, RouteResolver, RouteTable, declared_routes
+from apitally_proxy.status import ExportStatus, RoutesStatus, WorkerStatus, to_dict
 
 log = logging.getLogger("apitally_proxy")
 
@@ -260,62 +261,64 @@ class Worker:
         )
 
     def status(self) -> dict[str, Any]:
-        """Live state for the admin endpoints."""
+        """Live state for the admin endpoints (`status.WorkerStatus` as plain dicts)."""
         s = self.settings
         problem = s.export_problem or self.transport.last_error
-        return {
-            "version": __version__,
-            "upstream": str(s.upstream_target),
-            "listen": s.listen,
-            "worker_slot": self.lease.slot,
-            "instance_uuid": self.lease.uuid,
-            "uptime_s": round(time.time() - self.started_at, 1),
-            "requests_total": self.meter.recorded,
-            "requests_by_status": dict(self.meter.status_counts),
-            "unmatched": self.meter.unmatched,
-            "route_overflow": self.routes.overflow,
-            "routes": {
-                "source": self.discovery.source,
-                "count": len(self.routes.table) if self.routes.table is not None else None,
-                "framework": self.routes.framework,
-                "problem": self.discovery.last_error,
-                "fetches": self.discovery.fetches,
-                "learned_positions": self.routes.learner.learned,
-                "templates_seen": self.routes.templates_seen if self.routes.table is None else None,
-            },
-            "consumer_overflow": self.meter.requests.consumer_overflow,
-            # Other caps' overflows: counted in the overflow bucket, never dropped silently.
-            "validation_error_overflow": self.meter.validation_errors.overflow,
-            "route_override_overflow": self.meter.route_overrides.overflow,
-            "histogram_overflow": self.meter.histograms.overflow,
-            "histograms": self.meter.histograms.snapshot(),
-            "consumer_unconfirmed": self.identity.unconfirmed if self.identity is not None else 0,
-            "in_flight": self.proxy.in_flight,
-            "upstream_errors": dict(self.proxy.upstream_errors),
-            "upstream_retries": self.proxy.retries,
-            "refused": self.proxy.refused,
-            "hub": {
-                "mode": self.mode,
-                "endpoint": self._endpoint(),
-                "ok": problem is None and not self.sync.stopped,
-                "problem": problem,
-                "stopped": self.sync.stopped,
-                "queued": self.sync.queued,
-                "sent": self.sync.sent,
-                "dropped_rejected": self.sync.dropped_rejected,
-                "dropped_expired": self.sync.dropped_expired,
-                "dropped_spool_full": self.sync.dropped_full,
-                "unencodable": self.spool.unencodable,
-                "spool_bytes": self.spool.size_bytes(),
-                "recovered_after_crash": self.sync.recovered,
-                "spool_dir": str(self.spool.directory),
-                "last_sync": self.sync.last_sync,
-                "last_success": self.transport.last_success,
-                "local_file": str(getattr(self.transport, "path", "")) or None,
-            },
-            "recent_payloads": list(getattr(self.transport, "recent", [])),
-            "request_log": self.request_log.status() if self.request_log is not None else None,
-        }
+        heuristics = self.routes.table is None
+        return to_dict(
+            WorkerStatus(
+                version=__version__,
+                upstream=str(s.upstream_target),
+                listen=s.listen,
+                worker_slot=self.lease.slot,
+                instance_uuid=self.lease.uuid,
+                uptime_s=round(time.time() - self.started_at, 1),
+                requests_total=self.meter.recorded,
+                requests_by_status=dict(self.meter.status_counts),
+                unmatched=self.meter.unmatched,
+                route_overflow=self.routes.overflow,
+                routes=RoutesStatus(
+                    source=self.discovery.source,
+                    count=None if heuristics else len(self.routes.table or ()),
+                    framework=self.routes.framework,
+                    problem=self.discovery.last_error,
+                    fetches=self.discovery.fetches,
+                    learned_positions=self.routes.learner.learned,
+                    templates_seen=self.routes.templates_seen if heuristics else None,
+                ),
+                consumer_overflow=self.meter.requests.consumer_overflow,
+                validation_error_overflow=self.meter.validation_errors.overflow,
+                route_override_overflow=self.meter.route_overrides.overflow,
+                histogram_overflow=self.meter.histograms.overflow,
+                histograms=self.meter.histograms.snapshot(),
+                consumer_unconfirmed=self.identity.unconfirmed if self.identity else 0,
+                in_flight=self.proxy.in_flight,
+                upstream_errors=dict(self.proxy.upstream_errors),
+                upstream_retries=self.proxy.retries,
+                refused=self.proxy.refused,
+                hub=ExportStatus(
+                    mode=self.mode,
+                    endpoint=self._endpoint(),
+                    ok=problem is None and not self.sync.stopped,
+                    problem=problem,
+                    stopped=self.sync.stopped,
+                    queued=self.sync.queued,
+                    sent=self.sync.sent,
+                    dropped_rejected=self.sync.dropped_rejected,
+                    dropped_expired=self.sync.dropped_expired,
+                    dropped_spool_full=self.sync.dropped_full,
+                    unencodable=self.spool.unencodable,
+                    spool_bytes=self.spool.size_bytes(),
+                    recovered_after_crash=self.sync.recovered,
+                    spool_dir=str(self.spool.directory),
+                    last_sync=self.sync.last_sync,
+                    last_success=self.transport.last_success,
+                    local_file=str(getattr(self.transport, "path", "")) or None,
+                ),
+                recent_payloads=list(getattr(self.transport, "recent", [])),
+                request_log=self.request_log.status() if self.request_log is not None else None,
+            )
+        )
 
     def dashboard_status(self) -> dict[str, Any]:
         """`status()` plus the last minutes of traffic (for the dashboard; not on /metrics)."""

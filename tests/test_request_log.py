@@ -112,7 +112,7 @@ async def test_disk_full_pauses_logging_and_drops_the_batch(tmp_path: Path, monk
     assert log.paused_until is not None and not log.accepting
     assert "No space left" in (log.last_error or "")
     log.add(exchange())  # refused while paused
-    assert log.status()["buffered"] == 0
+    assert log.status().buffered == 0
     monkeypatch.undo()
     log.paused_until = 0.0  # the pause is over
     log.add(exchange())

@@ -34,6 +34,7 @@ import orjson
 from apitally_proxy.aio import Background
 from apitally_proxy.config import RequestLogSettings
 from apitally_proxy.hub.transport import Outcome
+from apitally_proxy.status import RequestLogStatus
 from apitally_proxy.text import dumps_lenient
 
 log = logging.getLogger("apitally_proxy.request_log")
@@ -484,19 +485,19 @@ class RequestLog:
         finally:
             self._executor.shutdown(wait=True)
 
-    def status(self) -> dict[str, Any]:
-        return {
-            "directory": str(self.directory),
-            "buffered": len(self._buffer),
-            "logged": self.logged,
-            "dropped": self.dropped,
-            "waiting_files": len(self._files),
-            "files_sent": self.files_sent,
-            "files_dropped": self.files_dropped,
-            "suspended_until": self.suspended_until,
-            "paused_until": self.paused_until,
-            "last_error": self.last_error,
-        }
+    def status(self) -> RequestLogStatus:
+        return RequestLogStatus(
+            directory=str(self.directory),
+            buffered=len(self._buffer),
+            logged=self.logged,
+            dropped=self.dropped,
+            waiting_files=len(self._files),
+            files_sent=self.files_sent,
+            files_dropped=self.files_dropped,
+            suspended_until=self.suspended_until,
+            paused_until=self.paused_until,
+            last_error=self.last_error,
+        )
 
     # Writer thread only.
 
