@@ -387,16 +387,10 @@ class _Connection(BaseProtocol):
             self._task = self._loop.create_task(self._run())
 
     def eof_received(self) -> bool:
-        # A half-close ends the stream of requests; answers already owed still go out.
-        with contextlib.suppress(Exception):
-            self._parser.feed_eof()
+        # A client that closes its side has left, as nginx and aiohttp see it: the
+        # transport closes, connection_lost cancels what is running (499).
         self._closing = True
-        last = self._queue[-1] if self._queue else None
-        if isinstance(last, tuple) and last[1] is not EMPTY_PAYLOAD and not last[1].is_eof():
-            last[1].set_exception(ClientBodyError("request body cut short"))
-        if self._task is None:
-            self.close()
-        return True
+        return False
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -486,7 +480,7 @@ class _Connection(BaseProtocol):
         finally:
             self._task = None
             self._idle_since = self._loop.time()
-            if self._closing and self.transport is not None and not queue:
+            if self._closing and self.transport is not None:
                 self.close()
 
     def _write(self, data: bytes) -> None:
@@ -511,7 +505,7 @@ class _Connection(BaseProtocol):
             return 501, "protocol upgrades are not supported by this server\n", True
         path = msg.path
         if not path.startswith("/") and not msg.url.raw_authority:
-            return 400, "request target must start with /\n", False
+            return 400, "request target must start with /\n", True
         raw = msg.raw_headers
         server = self.server
         if (
@@ -553,6 +547,7 @@ class _Connection(BaseProtocol):
         try:
             keep = await self._forward(msg, payload, has_body, absolute, exchange, started, keep)
         except asyncio.CancelledError:
+            self._closing = True  # cut or left: this connection carries nothing more
             if server.cutting:
                 server.cut_by_shutdown += 1
                 if not exchange.got_headers:
