@@ -36,6 +36,8 @@ class _LeanProtocol(_PooledProtocol):
     and one timer per connection checks it when it fires (re-arming itself for what
     is left): the same timeouts, at the same moments, for a float store per read.
 
+    `resume_reading` acts only when reading was paused.
+
     `set_response_params` builds a new HttpResponseParser; llhttp parses any number
     of keep-alive responses in a row, so the parser is kept while the parameters
     (only HEAD differs) stay the same.
@@ -68,6 +70,12 @@ class _LeanProtocol(_PooledProtocol):
             self._on_read_timeout()
         else:
             self._read_timeout_handle = self._loop.call_at(deadline, self._check_deadline)
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        # StreamReader calls this on every read below its low-water mark; only a real
+        # pause needs undoing (aiohttp would re-feed the parser an empty chunk each time).
+        if self._reading_paused:
+            super().resume_reading(resume_parser)
 
     def _cancel_timer(self) -> None:
         self._deadline = None
