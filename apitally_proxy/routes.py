@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from urllib.parse import unquote
 
+from apitally_proxy import frameworks
+from apitally_proxy.frameworks import OPENAPI_SPELLING, MatchRules, Spelling
 from apitally_proxy.learning import TemplateLearner
 from apitally_proxy.text import header_text, strip_controls
 
@@ -181,36 +183,40 @@ def _segment_regex(part: str) -> re.Pattern[str]:
 
 # --- Spelling: templates as each framework writes them ---------------------
 
-# Litestar requires a type on every path parameter.
-_LITESTAR_KINDS = {"int": "int", "float": "float", "uuid": "uuid", "path": "path"}
-_FLASK_KINDS = {"int": "int", "float": "float", "uuid": "uuid", "path": "path"}
 
-
-def spell(segments: Iterable[Segment], framework: str | None) -> str:
+def spell(segments: Iterable[Segment], framework: str | Spelling | None) -> str:
     """The template as `framework`'s router spells it (OpenAPI's `{name}` when unknown)."""
+    if isinstance(framework, Spelling):
+        spelling = framework
+    else:
+        known = frameworks.get(framework)
+        spelling = known.spelling if known is not None else OPENAPI_SPELLING
     out = []
     for seg in segments:
         if isinstance(seg, str):
             out.append(seg)
         elif isinstance(seg, Pattern):
             out.append(seg.source)
-        elif framework == "litestar":
-            out.append(f"{{{seg.name}:{_LITESTAR_KINDS.get(seg.kind or '', seg.kind or 'str')}}}")
-        elif framework == "flask":
-            conv = _FLASK_KINDS.get(seg.kind or "")
-            out.append(f"<{conv}:{seg.name}>" if conv else f"<{seg.name}>")
-        elif framework == "fastify":
-            out.append("*" if seg.kind == "path" and seg.name == "*" else f":{seg.name}")
-        elif framework in ("starlette", "fastapi") and seg.kind == "path":
-            out.append(f"{{{seg.name}:path}}")
         else:
-            out.append(f"{{{seg.name}}}")
+            out.append(_spell_param(seg, spelling))
     return "/" + "/".join(out)
+
+
+def _spell_param(seg: Param, spelling: Spelling) -> str:
+    if spelling.style == "colon":
+        return "*" if seg.name == "*" else f":{seg.name}"
+    kind = seg.kind
+    named = spelling.kinds is None or (kind is not None and kind in spelling.kinds)
+    written = kind if kind is not None and named else spelling.untyped
+    if spelling.style == "angle":
+        return f"<{written}:{seg.name}>" if written else f"<{seg.name}>"
+    return f"{{{seg.name}:{written}}}" if written else f"{{{seg.name}}}"
 
 
 def paths_method(method: str, framework: str | None) -> str:
     """Startup `paths` method case: lower for Starlette/FastAPI, upper elsewhere."""
-    return method.lower() if framework in ("starlette", "fastapi") else method.upper()
+    known = frameworks.get(framework)
+    return method.lower() if known is not None and known.paths_lower_methods else method.upper()
 
 
 _CONVERTOR = re.compile(r"\{([^{}:]+):[^{}]*\}")
@@ -218,7 +224,10 @@ _CONVERTOR = re.compile(r"\{([^{}:]+):[^{}]*\}")
 
 def paths_template(template: str, framework: str | None) -> str:
     """Startup `paths` spelling: Starlette's SchemaGenerator drops convertors ({id:int} -> {id})."""
-    return _CONVERTOR.sub(r"{\1}", template) if framework in ("starlette", "fastapi") else template
+    known = frameworks.get(framework)
+    if known is not None and known.paths_drop_convertors:
+        return _CONVERTOR.sub(r"{\1}", template)
+    return template
 
 
 # --- The compiled matcher --------------------------------------------------
@@ -243,32 +252,6 @@ class _Node:
         self.patterns: list[tuple[Callable[[str], object], _Node]] = []
         self.methods: dict[str, str] | None = None  # method ("*" = any) → template
         self.rest: dict[str, str] | None = None  # catch-all parameter ending here
-
-
-@dataclass(frozen=True, slots=True)
-class MatchRules:
-    """How the app's router treats paths, per framework."""
-
-    # Litestar ignores a trailing slash; Starlette/FastAPI/Flask/Fastify redirect or 404.
-    strict_slash: bool = True
-    # Starlette (plain routes), Flask and Fastify answer HEAD on GET routes.
-    head_from_get: bool = True
-    # Fastify splits the raw path and decodes each segment (an encoded '/' stays
-    # inside its segment); the Python frameworks decode the whole path first.
-    decode_per_segment: bool = False
-
-    @classmethod
-    def for_framework(cls, framework: str | None) -> MatchRules:
-        if framework == "litestar":
-            return cls(strict_slash=False, head_from_get=False)
-        if framework == "fastapi":
-            return cls(head_from_get=False)
-        if framework == "fastify":
-            return cls(decode_per_segment=True)
-        if framework in ("starlette", "flask"):
-            return cls()
-        # Unknown app: lean towards counting rather than dropping.
-        return cls(strict_slash=False)
 
 
 class RouteTable:
@@ -334,6 +317,8 @@ class RouteTable:
         found = _walk(self._root, segs, 1, method, loose)
         if found is None and method == "HEAD" and rules.head_from_get:
             found = _walk(self._root, segs, 1, "GET", loose)
+        if found is None and rules.method_after_path:
+            found = _walk(self._root, segs, 1, _ANY_METHOD, loose)
         return found
 
     def paths(self, framework: str | None = None) -> list[dict[str, str]]:
@@ -362,17 +347,12 @@ def _child(children: list, check: Callable[[str], object] | None) -> _Node:
     return node
 
 
+_ANY_METHOD = ""  # for _walk: a route of any method
+
+
 def _walk(node: _Node, segs: list[str], i: int, method: str, loose: bool) -> str | None:
     if i == len(segs):
-        methods = node.methods
-        if methods is not None:
-            found = methods.get(method) or methods.get("*")
-            if found is not None:
-                return found
-        rest = node.rest
-        if rest is not None:  # a catch-all also matches nothing at all
-            return rest.get(method) or rest.get("*")
-        return None
+        return _leaf(node, method)
     seg = segs[i]
     child = node.literals.get(seg)
     if child is not None:
@@ -392,8 +372,30 @@ def _walk(node: _Node, segs: list[str], i: int, method: str, loose: bool) -> str
                     return found
     rest = node.rest
     if rest is not None:
-        return rest.get(method) or rest.get("*")
+        return _rest(rest, method)
     return None
+
+
+def _leaf(node: _Node, method: str) -> str | None:
+    """The template of the route ending at `node`, for `method`."""
+    methods = node.methods
+    if methods is not None:
+        found = methods.get(method) or methods.get("*")
+        if found is None and method == _ANY_METHOD:
+            found = next(iter(methods.values()))
+        if found is not None:
+            return found
+    rest = node.rest
+    if rest is not None:  # a catch-all also matches nothing at all
+        return _rest(rest, method)
+    return None
+
+
+def _rest(rest: dict[str, str], method: str) -> str | None:
+    found = rest.get(method) or rest.get("*")
+    if found is None and method == _ANY_METHOD:
+        found = next(iter(rest.values()))
+    return found
 
 
 def parse_declared(entry: str) -> list[Route]:
@@ -477,7 +479,9 @@ class RouteResolver:
             if found is None and loose:
                 found = table.match(method, full, loose=True)
             return found
-        shaped = self._shape(path)
+        shaped = self._cache.get(path)
+        if shaped is None:
+            shaped = self._shape(path)
         if loose:
             # `/items/abc` rejected: `/items/{id}` is the route, if it is known.
             known = self.learner.apply(shaped, loose=True)
@@ -503,14 +507,12 @@ class RouteResolver:
         return template
 
     def _shape(self, path: str) -> str:
-        """The path with id-like segments as parameters (cached)."""
-        shaped = self._cache.get(path)
-        if shaped is None:
-            shaped = template_segments(path)
-            if len(path) <= MAX_CACHED_PATH:  # hostile long paths would pin memory
-                if len(self._cache) >= self._cache_size:
-                    self._cache.clear()
-                self._cache[path] = shaped
+        """The path with id-like segments as parameters, cached."""
+        shaped = template_segments(path)
+        if len(path) <= MAX_CACHED_PATH:  # hostile long paths would pin memory
+            if len(self._cache) >= self._cache_size:
+                self._cache.clear()
+            self._cache[path] = shaped
         return shaped
 
     def _map(self, shaped: str) -> str:

@@ -18,14 +18,12 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from apitally_proxy import __version__
+from apitally_proxy import __version__, frameworks
 from apitally_proxy.admin import build_admin_app
-from apitally_proxy.aio import wait_or_hurry
+from apitally_proxy.aio import Background, wait_or_hurry
 from apitally_proxy.capture import Captures
 from apitally_proxy.cluster import StatusPublisher, merged_status, status_path
 from apitally_proxy.config import (
-    CLIENT_TAGS,
-    FRAMEWORKS,
     OTLP_INTERVAL,
     ConfigError,
     Settings,
@@ -80,7 +78,8 @@ class Worker:
         self._learned_path = settings.state_dir / "learned-routes.json"
         self.routes.learner.restore(load_positions(self._learned_path))
         self._openapi: str | None = None
-        framework = settings.framework if settings.framework in FRAMEWORKS else None
+        choice = frameworks.from_setting(settings.framework)
+        framework = choice.name
         declared = declared_routes(settings.routes)
         if declared:  # in force from the first request; a document found later adds to them
             self.routes.use_table(
@@ -90,7 +89,7 @@ class Worker:
             settings.upstream_target,
             settings.openapi_url,
             framework,
-            settings.framework == "auto",
+            choice.guess,
             declared,
             self._routes_changed,
             refresh=settings.openapi_refresh,
@@ -144,6 +143,7 @@ class Worker:
         self._runner: web.ServerRunner | None = None
         self._admin_runner: web.AppRunner | None = None
         self._publisher: StatusPublisher | None = None
+        self._background = Background()
 
     def _make_transport(self) -> Transport:
         s = self.settings
@@ -214,9 +214,9 @@ class Worker:
     def _startup_payload(self, instance_uuid: str) -> dict[str, Any]:
         s = self.settings
         if isinstance(self.codec, OtlpCodec):
-            framework = self.routes.framework or (
-                s.framework if s.framework in FRAMEWORKS else None
-            )
+            known = frameworks.get(self.routes.framework)
+            known = known or frameworks.from_setting(s.framework).framework
+            framework = known.otlp_name if known is not None else None
             versions = {"python": platform.python_version(), "apitally-proxy": __version__}
             if s.app_version:
                 versions["app"] = s.app_version
@@ -226,7 +226,8 @@ class Worker:
             ]
             body = startup_body(framework, versions, paths, self._openapi)
             return self.codec.startup(str(uuid.uuid4()), body)
-        client_tag = CLIENT_TAGS.get(self.routes.framework or "") or s.client_tag
+        known = frameworks.get(self.routes.framework)
+        client_tag = known.client_tag if known is not None else s.client_tag
         return startup_payload(
             instance_uuid, self.routes.paths(), client_tag, s.app_version, self._openapi
         )
@@ -339,6 +340,8 @@ class Worker:
             started.push_async_callback(self.discovery.stop)
             await self.discovery.first_round(timeout=2.0)
             await self.sync.start()
+            # The dashboard's window moves on by this timer: no clock read per request.
+            self._background.start(self._advance_recent(), "recent-window")
             started.pop_all()  # all up: from here on, drain_and_stop stops them in order
         self.ready = True
         s = self.settings
@@ -355,6 +358,11 @@ class Worker:
             self.lease.uuid,
             mode,
         )
+
+    async def _advance_recent(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.meter.recent.advance()
 
     async def _start_proxy_server(
         self, started: contextlib.AsyncExitStack, reuse_port: bool
@@ -470,6 +478,7 @@ class Worker:
                     grace,
                 )
                 await wait_or_hurry(cleanup, (deadline - loop.time()) / 2)
+        await self._background.stop()
         await self.discovery.stop()
         await self.proxy.close()
         if self.request_log is not None:

@@ -103,12 +103,14 @@ def test_old_slots_leave_the_tables_and_then_the_window():
     w = RecentWindow(clock)
     w.observe("GET", "/old", 200, "early", 0.01, 1)
     clock.now += 400  # past the tables' five minutes, still in the chart's ten
+    w.advance()  # the worker's one-second timer
     w.observe("GET", "/new", 200, None, 0.01, 1)
     view = build_view(status_with(w), now=clock.now)
     assert [r["route"] for r in view["endpoints"]] == ["/new"]
     assert view["consumers"] == []
     assert sum(p["requests"] for p in view["series"]) == 2
     clock.now += KEEP_SLOTS * SLOT_SECONDS
+    w.advance()
     w.observe("GET", "/newer", 200, None, 0.01, 1)
     assert len(w.snapshot()["slots"]) == 1
 

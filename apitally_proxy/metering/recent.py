@@ -4,7 +4,8 @@ Slots are numbered by wall-clock time (`int(time.time()) // SLOT_SECONDS`), so t
 slots of several workers line up and add element by element. Everything is
 bounded: `KEEP_SLOTS` slots, and per slot at most `MAX_KEYS` endpoints, consumers
 and validation errors (past that, counted under one overflow key). The hot path
-only increments ints in lists.
+only increments ints in lists: it reads no clock, the worker calls `advance` every
+second to move on to the next slot.
 """
 
 from __future__ import annotations
@@ -64,6 +65,10 @@ class RecentWindow:
         # The latest name and group each consumer identifier was given.
         self.names: dict[str, tuple[str | None, str | None]] = {}
 
+    def advance(self) -> None:
+        """Move to the slot of the clock's current time (a timer calls this each second)."""
+        self._current = self._slot()
+
     def _slot(self) -> _Slot:
         number = int(self._clock()) // SLOT_SECONDS
         slot = self._current
@@ -85,34 +90,34 @@ class RecentWindow:
         seconds: float,
         size: int,
     ) -> None:
-        slot = self._slot()
-        row = _row(slot.endpoints, f"{method} {template}", ENDPOINT_FIELDS, OTHER_ENDPOINT)
+        slot = self._current or self._slot()
+        key = method + " " + template
+        row = slot.endpoints.get(key)
+        if row is None:
+            row = _row(slot.endpoints, key, ENDPOINT_FIELDS, OTHER_ENDPOINT)
         row[REQUESTS] += 1
         row[DURATION_SUM] += seconds
         row[SIZE_SUM] += size
         row[BUCKETS_AT + bisect_left(LATENCY_BOUNDS, seconds)] += 1
-        client_error = 400 <= status < 500
-        server_error = status >= 500
-        if client_error:
-            row[CLIENT_ERRORS] += 1
-        elif server_error:
-            row[SERVER_ERRORS] += 1
+        errors = 0 if status < 400 else CLIENT_ERRORS if status < 500 else SERVER_ERRORS
+        if errors:
+            row[errors] += 1
         if consumer is not None:
-            crow = _row(slot.consumers, consumer, CONSUMER_FIELDS, OTHER_CONSUMER)
+            crow = slot.consumers.get(consumer)
+            if crow is None:
+                crow = _row(slot.consumers, consumer, CONSUMER_FIELDS, OTHER_CONSUMER)
             crow[REQUESTS] += 1
             crow[DURATION_SUM] += seconds
-            if client_error:
-                crow[CLIENT_ERRORS] += 1
-            elif server_error:
-                crow[SERVER_ERRORS] += 1
+            if errors:
+                crow[errors] += 1
 
     def observe_unmatched(self) -> None:
-        self._slot().unmatched += 1
+        (self._current or self._slot()).unmatched += 1
 
     def observe_validation_errors(
         self, method: str, template: str, errors: Iterable[tuple[Any, str, str]]
     ) -> None:
-        table = self._slot().validation
+        table = (self._current or self._slot()).validation
         for loc, msg, typ in errors:
             where = ".".join(str(part) for part in loc) if isinstance(loc, list | tuple) else loc
             key = "\t".join((method, template, str(where), msg, typ))
@@ -126,7 +131,7 @@ class RecentWindow:
 
     def snapshot(self) -> dict[str, Any]:
         """Plain lists and dicts (JSON-ready; another worker's adds with `merge`)."""
-        self._slot()  # drops slots that have aged out
+        self.advance()  # drops slots that have aged out
         return {
             "slot_seconds": SLOT_SECONDS,
             "slots": {
