@@ -12,8 +12,9 @@ import time
 from aiohttp import web
 from multidict import CIMultiDict
 
+from apitally_proxy import frameworks
 from apitally_proxy.hub.request_log import MAX_BODY_SIZE, RequestLog, is_body_content_type
-from apitally_proxy.metering.validation import MAX_ERROR_BODY, wants_error_body
+from apitally_proxy.metering.validation import MAX_ERROR_BODY, readers, wants_error_body
 from apitally_proxy.proxy import BodyCapture, Exchange
 
 
@@ -32,9 +33,12 @@ class Captures:
         request_log: RequestLog | None = None,
         keep_request_headers: bool = False,
     ) -> None:
-        # Flask's official client extracts no validation errors; "none" means no framework.
-        self._validation = framework not in ("flask", "none")
-        self._framework = framework
+        # A settings value. Flask's official client extracts no validation errors, and
+        # `none` reads none.
+        choice = frameworks.from_setting(framework)
+        self._framework = choice.framework
+        self._guess = choice.guess
+        self._validation = bool(readers(self._framework, self._guess))
         self._log = request_log
         # consumer_header: the meter reads the request headers (a reference, not a copy).
         self._keep_headers = keep_request_headers
@@ -61,7 +65,7 @@ class Captures:
     ) -> BodyCapture | None:
         limit = 0
         ctype = headers.get("Content-Type")
-        if self._validation and wants_error_body(self._framework, status, ctype):
+        if self._validation and wants_error_body(self._framework, status, ctype, self._guess):
             limit = MAX_ERROR_BODY
         if exchange.log:
             exchange.response_headers = headers

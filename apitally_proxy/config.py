@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from apitally_proxy import frameworks
 from apitally_proxy.metering.identity import (
     MIN_SALT_LENGTH,
     ConsumerMapError,
@@ -37,14 +38,9 @@ WRITE_TOKEN_PATTERN = re.compile(r"^apt_[a-zA-Z0-9]{24}$")
 OTLP_INTERVAL = 15.0  # seconds between exports, as apitally 1.0.0 (until the server says)
 ENV_PATTERN = re.compile(r"^[\w-]{1,32}$")
 HUB_URL_PATTERN = re.compile(r"^https?://[^/\s?#]+(/[^\s?#]*)?$")
-FRAMEWORKS = ("starlette", "fastapi", "flask", "litestar", "fastify")
-CLIENT_TAGS = {
-    "starlette": "python:starlette",
-    "fastapi": "python:fastapi",
-    "flask": "python:flask",
-    "litestar": "python:litestar",
-    "fastify": "js:fastify",
-}
+# The names --framework takes besides auto and none, and their client tags (frameworks.py).
+FRAMEWORKS = frameworks.NAMES
+CLIENT_TAGS = {name: f.client_tag for name, f in frameworks.FRAMEWORKS.items()}
 
 
 class ConfigError(Exception):
@@ -321,11 +317,13 @@ class Settings(BaseSettings):
         flag="--state-dir",
         description="state directory (instance ids, spool, local-mode output)",
     )
-    framework: Literal["auto", "none", *FRAMEWORKS] = _setting(  # type: ignore[valid-type]
-        "auto",
+    framework: Literal[*frameworks.SETTING_VALUES] = _setting(  # type: ignore[valid-type]
+        frameworks.AUTO,
         env="APITALLY_PROXY_FRAMEWORK",
         flag="--framework",
-        description="app framework: " + ", ".join(FRAMEWORKS) + ", auto or none",
+        description="app framework: "
+        + ", ".join(FRAMEWORKS)
+        + f", {frameworks.AUTO} or {frameworks.NONE}",
     )
     openapi_url: str | None = _setting(
         None,

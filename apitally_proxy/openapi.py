@@ -25,12 +25,13 @@ import aiohttp
 import orjson
 import yaml
 
+from apitally_proxy import frameworks
 from apitally_proxy.aio import Background
 from apitally_proxy.config import Upstream
+from apitally_proxy.frameworks import OPENAPI_SPELLING, MatchRules
 from apitally_proxy.routes import (
     MAX_ROUTES,
     METHODS,
-    MatchRules,
     Param,
     Route,
     RouteTable,
@@ -40,15 +41,8 @@ from apitally_proxy.routes import (
 
 log = logging.getLogger("apitally_proxy.routes")
 
-# DESIGN.md's probe order, with the framework each location points to.
-PROBE_PATHS: tuple[tuple[str, str | None], ...] = (
-    ("/openapi.json", None),  # FastAPI, APIFlask: told apart by the document
-    ("/schema/openapi.json", "litestar"),
-    ("/openapi/openapi.json", "flask"),  # flask-openapi3
-    ("/documentation/json", "fastify"),  # @fastify/swagger-ui
-    ("/apispec_1.json", "flask"),  # flasgger
-    ("/schema", "starlette"),  # Starlette's SchemaGenerator example (YAML)
-)
+# DESIGN.md's probe order, with the framework each location points to (frameworks.py).
+PROBE_PATHS: tuple[tuple[str, str | None], ...] = frameworks.probe_paths()
 MAX_DOCUMENT_BYTES = 8 * 1024 * 1024
 # YAML is parsed in pure Python: keep it smaller, and refuse alias bombs.
 MAX_YAML_BYTES = 2 * 1024 * 1024
@@ -181,14 +175,11 @@ def _param_kinds(params: Any, kinds: dict[str, str | None]) -> None:
 
 
 def detect_framework(doc: dict[str, Any], hint: str | None) -> str | None:
-    """Which framework served the document, from where it was found and how it looks."""
-    schemas = (doc.get("components") or {}).get("schemas") if isinstance(doc, dict) else None
-    if isinstance(schemas, dict) and "HTTPValidationError" in schemas:
-        return "fastapi"
+    """Which framework served the document, from how it looks and where it was found."""
+    components = doc.get("components") if isinstance(doc, dict) else None
+    schemas = components.get("schemas") if isinstance(components, dict) else None
     info: dict[str, Any] = doc["info"] if isinstance(doc.get("info"), dict) else {}
-    if info.get("title") == "Litestar API":
-        return "litestar"
-    return hint
+    return frameworks.detect(schemas, info.get("title")) or hint
 
 
 def extract_routes(
@@ -199,15 +190,16 @@ def extract_routes(
 ) -> list[Route]:
     """The document's operations as routes, spelled as `framework` writes templates.
 
-    Litestar's own spelling carries the type (`/items/{id:int}`, what apitally 0.x
-    reports); apitally 1.x reports Litestar's `path_format` (`/items/{id}`), so OTLP
-    export passes `typed_litestar=False`.
+    Templates are spelled as the official 0.x client reports them; OTLP export passes
+    `typed_litestar=False` for apitally 1.x's spelling where it differs
+    (`Framework.spelling_1x`: Litestar's `path_format`, `/items/{id}` not `/items/{id:int}`).
     """
-    spelling = framework if typed_litestar or framework != "litestar" else None
+    known = frameworks.get(framework)
+    spelling = known.template_spelling(otlp=not typed_litestar) if known else OPENAPI_SPELLING
     prefix = _prefix(doc)
-    # Only Flask and Litestar check parameter types while routing (a mismatch is a
-    # 404); FastAPI and Fastify route first and validate after.
-    typed = framework in ("flask", "litestar")
+    # Routers that check parameter types while routing (Flask, Litestar: a mismatch is a
+    # 404); the others (FastAPI, Fastify) route first and validate after.
+    typed = known is not None and known.typed_routing
     routes: list[Route] = []
     paths = doc["paths"]
     if len(paths) > MAX_ROUTES:
@@ -446,7 +438,8 @@ class RouteDiscovery:
                     f"no OpenAPI document at {url} (--openapi-url / APITALLY_PROXY_OPENAPI_URL)"
                 )
             return raw, url, None
-        order = list(PROBE_PATHS)
+        probes = frameworks.probe_paths(self._framework)
+        order = list(probes)
         if self._found_at is not None:  # try the last good location first
             order.sort(key=lambda p: p[0] != self._found_at)
         for path, hint in order:
@@ -455,7 +448,7 @@ class RouteDiscovery:
                 self._found_at = path
                 return raw, path, hint
         if not self.has_document:
-            where = ", ".join(p for p, _ in PROBE_PATHS)
+            where = ", ".join(p for p, _ in probes)
             if self._declared:
                 self._note(
                     f"no OpenAPI document found at {where}; using the declared routes "

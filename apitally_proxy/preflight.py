@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
+from apitally_proxy import frameworks
 from apitally_proxy.config import (
-    FRAMEWORKS,
     HostPort,
     Settings,
     environment_warnings,
@@ -62,12 +62,13 @@ async def _upstream(settings: Settings) -> Finding:
 async def _routes(settings: Settings) -> list[Finding]:
     declared = declared_routes(settings.routes)
     found: list[RouteSet] = []
-    framework = settings.framework if settings.framework in FRAMEWORKS else None
+    choice = frameworks.from_setting(settings.framework)
+    framework = choice.name
     discovery = RouteDiscovery(
         settings.upstream_target,
         settings.openapi_url,
         framework,
-        settings.framework == "auto",
+        choice.guess,
         declared,
         found.append,
         refresh=settings.openapi_refresh,

@@ -317,8 +317,6 @@ class RouteTable:
         found = _walk(self._root, segs, 1, method, loose)
         if found is None and method == "HEAD" and rules.head_from_get:
             found = _walk(self._root, segs, 1, "GET", loose)
-        if found is None and rules.method_after_path:
-            found = _walk(self._root, segs, 1, _ANY_METHOD, loose)
         return found
 
     def paths(self, framework: str | None = None) -> list[dict[str, str]]:
@@ -347,12 +345,17 @@ def _child(children: list, check: Callable[[str], object] | None) -> _Node:
     return node
 
 
-_ANY_METHOD = ""  # for _walk: a route of any method
-
-
 def _walk(node: _Node, segs: list[str], i: int, method: str, loose: bool) -> str | None:
     if i == len(segs):
-        return _leaf(node, method)
+        methods = node.methods
+        if methods is not None:
+            found = methods.get(method) or methods.get("*")
+            if found is not None:
+                return found
+        rest = node.rest
+        if rest is not None:  # a catch-all also matches nothing at all
+            return rest.get(method) or rest.get("*")
+        return None
     seg = segs[i]
     child = node.literals.get(seg)
     if child is not None:
@@ -372,30 +375,8 @@ def _walk(node: _Node, segs: list[str], i: int, method: str, loose: bool) -> str
                     return found
     rest = node.rest
     if rest is not None:
-        return _rest(rest, method)
+        return rest.get(method) or rest.get("*")
     return None
-
-
-def _leaf(node: _Node, method: str) -> str | None:
-    """The template of the route ending at `node`, for `method`."""
-    methods = node.methods
-    if methods is not None:
-        found = methods.get(method) or methods.get("*")
-        if found is None and method == _ANY_METHOD:
-            found = next(iter(methods.values()))
-        if found is not None:
-            return found
-    rest = node.rest
-    if rest is not None:  # a catch-all also matches nothing at all
-        return _rest(rest, method)
-    return None
-
-
-def _rest(rest: dict[str, str], method: str) -> str | None:
-    found = rest.get(method) or rest.get("*")
-    if found is None and method == _ANY_METHOD:
-        found = next(iter(rest.values()))
-    return found
 
 
 def parse_declared(entry: str) -> list[Route]:
@@ -479,9 +460,7 @@ class RouteResolver:
             if found is None and loose:
                 found = table.match(method, full, loose=True)
             return found
-        shaped = self._cache.get(path)
-        if shaped is None:
-            shaped = self._shape(path)
+        shaped = self._shape(path)
         if loose:
             # `/items/abc` rejected: `/items/{id}` is the route, if it is known.
             known = self.learner.apply(shaped, loose=True)
@@ -507,12 +486,14 @@ class RouteResolver:
         return template
 
     def _shape(self, path: str) -> str:
-        """The path with id-like segments as parameters, cached."""
-        shaped = template_segments(path)
-        if len(path) <= MAX_CACHED_PATH:  # hostile long paths would pin memory
-            if len(self._cache) >= self._cache_size:
-                self._cache.clear()
-            self._cache[path] = shaped
+        """The path with id-like segments as parameters (cached)."""
+        shaped = self._cache.get(path)
+        if shaped is None:
+            shaped = template_segments(path)
+            if len(path) <= MAX_CACHED_PATH:  # hostile long paths would pin memory
+                if len(self._cache) >= self._cache_size:
+                    self._cache.clear()
+                self._cache[path] = shaped
         return shaped
 
     def _map(self, shaped: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Protocol
 
+from apitally_proxy import frameworks
 from apitally_proxy.metering.consumers import ConsumerRegistry, parse_consumer
 from apitally_proxy.metering.histograms import HistogramCounter
 from apitally_proxy.metering.identity import ConsumerIdentity
@@ -65,13 +66,14 @@ class Meter:
         self,
         resolver: TemplateResolver,
         max_consumers: int = 10_000,
-        framework: str = "auto",
+        framework: str = frameworks.AUTO,
         identity: ConsumerIdentity | None = None,
         requests: RequestCounter | HistogramCounter | None = None,
     ) -> None:
         self.resolver = resolver
         self.identity = identity
-        self.framework = framework
+        self.framework = framework  # the settings value (a name, auto or none)
+        self._choice = frameworks.from_setting(framework)
         # The hub's bins by default; exponential histograms for OpenTelemetry export.
         self.requests = requests if requests is not None else RequestCounter(max_consumers)
         self._max_consumers = max_consumers
@@ -150,16 +152,18 @@ class Meter:
         body = ex.response_body
         if body is not None and ex.status in VALIDATION_STATUSES and not body.overflow:
             rh = ex.response_headers
-            framework = self.framework
-            if framework == "auto":
+            choice = self._choice
+            framework = choice.framework
+            if framework is None and choice.guess:
                 # The route discovery may have recognised the app by now.
-                framework = getattr(self.resolver, "framework", None) or "auto"
+                framework = frameworks.get(getattr(self.resolver, "framework", None))
             errors = extract_validation_errors(
                 framework,
                 ex.status,
                 rh.get("Content-Type") if rh is not None else None,
                 rh.get("Content-Encoding") if rh is not None else None,
                 body.data,
+                choice.guess,
             )
             if errors:
                 self.validation_errors.add_validation_errors(

@@ -1,7 +1,9 @@
 """Validation errors read from the app's own error responses, as the official clients read them.
 
 The proxy sees only the response, so it reads what each framework puts in its
-validation error body (the official clients do the same from inside the app):
+validation error body (the official clients do the same from inside the app).
+Which statuses, body limits and shape each framework has is in its registry
+entry (frameworks.py: `Framework.validation`); the shapes are read here:
 
 - Starlette / FastAPI (pydantic): 422, `{"detail": [{"loc", "msg", "type"}, ...]}`.
 - Litestar: 400, `{"detail": "...validation...", "extra": [{"key", "message", "source"}]}`,
@@ -16,16 +18,16 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 
+from apitally_proxy import frameworks
+from apitally_proxy.frameworks import VALIDATION_STATUSES, Framework, Validation
+
 # The proxy copies at most this much of an error response while it streams on.
 MAX_ERROR_BODY = 64 * 1024
-# Limits the official clients apply before parsing (they keep no more of the body).
-STARLETTE_MAX_BODY = 50_000
-LITESTAR_MAX_BODY = 4096
-VALIDATION_STATUSES = frozenset({400, 422})
 
 Loc = tuple[str, ...]
 ErrorItem = tuple[Loc, Any, Any]  # (loc, msg, type)
@@ -39,15 +41,27 @@ _AJV_LOCATION = re.compile(
 _AJV_SPLIT = re.compile(r"[/.]")
 
 
-def wants_error_body(framework: str, status: int, content_type: str | None) -> bool:
+def readers(framework: Framework | str | None, guess: bool = True) -> tuple[Validation, ...]:
+    """The error-body rules the official client of `framework` applies.
+
+    `framework` None is an unknown app: every known shape when `guess`, none otherwise.
+    A string is a settings value (a name, "auto" or "none"), read by frameworks.from_setting.
+    """
+    if isinstance(framework, str):
+        choice = frameworks.from_setting(framework)
+        framework, guess = choice.framework, choice.guess
+    if framework is not None:
+        return (framework.validation,) if framework.validation is not None else ()
+    return frameworks.EVERY_VALIDATION if guess else ()
+
+
+def wants_error_body(
+    framework: Framework | str | None, status: int, content_type: str | None, guess: bool = True
+) -> bool:
     """Whether a response may carry validation errors worth copying (cheap header check)."""
     if status not in VALIDATION_STATUSES or not content_type or "json" not in content_type.lower():
         return False
-    if framework in ("starlette", "fastapi"):
-        return status == 422
-    if framework == "litestar":
-        return status == 400
-    return framework in ("fastify", "auto")
+    return any(status in v.statuses for v in readers(framework, guess))
 
 
 def _decode(body: bytes, content_encoding: str | None) -> Any:
@@ -132,45 +146,49 @@ def fastify_errors(body: Any) -> list[ErrorItem]:
     return out
 
 
+# The body shapes a registry entry's `Validation.parser` names.
+PARSERS: dict[str, Callable[[Any], list[ErrorItem]]] = {
+    "pydantic": starlette_errors,
+    "detail-extra": litestar_errors,
+    "ajv": fastify_errors,
+}
+
+
 def extract_validation_errors(
-    framework: str,
+    framework: Framework | str | None,
     status: int,
     content_type: str | None,
     content_encoding: str | None,
     body: bytes,
+    guess: bool = True,
 ) -> list[ErrorItem]:
     """The validation errors the official client for `framework` would read from this response.
 
-    `framework` is a settings value; "auto" picks the framework from the body's shape.
+    An unknown framework (None, or the setting "auto") tries every known shape in
+    registry order; the first that finds errors wins (the shapes do not overlap).
     """
-    if not wants_error_body(framework, status, content_type) or not body:
+    if not wants_error_body(framework, status, content_type, guess) or not body:
         return []
     if len(body) > MAX_ERROR_BODY:
         return []
-    is_starlette = framework in ("starlette", "fastapi")
-    ctype = (content_type or "").lower()
-    is_json = ctype.startswith("application/json")
-    if is_starlette and (len(body) > STARLETTE_MAX_BODY or not is_json):
+    is_json = (content_type or "").lower().startswith("application/json")
+    usable = [
+        v
+        for v in readers(framework, guess)
+        if status in v.statuses
+        and (is_json or not v.json_only)
+        and (v.max_body is None or len(body) <= v.max_body)
+    ]
+    if not usable:
         return []
     data = _decode(body, content_encoding)
     if data is None:
         return []
-    if is_starlette:
-        return starlette_errors(data)
-    if framework == "litestar":
-        return litestar_errors(data) if len(body) < LITESTAR_MAX_BODY else []
-    if framework == "fastify":
-        return fastify_errors(data)
-    # auto: the three shapes do not overlap.
-    if status == 422 and is_json and len(body) <= STARLETTE_MAX_BODY:
-        found = starlette_errors(data)
+    for v in usable:
+        found = PARSERS[v.parser](data)
         if found:
             return found
-    if status == 400 and len(body) < LITESTAR_MAX_BODY:
-        found = litestar_errors(data)
-        if found:
-            return found
-    return fastify_errors(data)
+    return []
 
 
 class ValidationErrorCounter:
