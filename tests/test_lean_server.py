@@ -620,6 +620,12 @@ async def test_absolute_form_goes_to_the_configured_upstream_with_its_authority(
     )
     assert status_of(data) == 200
     assert b'["Host","10.0.0.1:8080"]' in data and b'"path":"/headers"' in data
+    data = await exchange(
+        proxy.port, b"GET //evil.example/headers HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert status_of(data) == 404 and b"aiohttp" in data  # our upstream's own 404
+    (_, evil) = await proxy.recorded(2)
+    assert evil.path == "//evil.example/headers"
 
 
 # --------------------------------------------------------------------------- hostile input
@@ -634,6 +640,11 @@ REFUSED = {
         b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
         400,
     ),
+    "conflicting Content-Lengths": (
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        400,
+    ),
+    "raw non-ASCII in the path": ("GET /items/é HTTP/1.1\r\nHost: x\r\n\r\n".encode(), 400),
     "invalid Content-Length": (
         b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
         400,

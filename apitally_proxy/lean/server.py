@@ -465,10 +465,15 @@ class _Connection(BaseProtocol):
             while queue and self.transport is not None:
                 item = queue[0]
                 if isinstance(item, int):
-                    self._write(own_response(item, f"{REASONS.get(item, 'refused')}\n", close=True))
+                    text = f"{REASONS.get(item, 'refused')}\n"
+                    with contextlib.suppress(ConnectionError):
+                        self._write(own_response(item, text, close=True))
                     self.close()
                     return
-                keep = await self._handle(item[0], item[1])
+                try:
+                    keep = await self._handle(item[0], item[1])
+                except ConnectionError:  # the client left while its refusal was written
+                    keep = False
                 queue.popleft()
                 if self._pipeline_paused and len(queue) < self.server.config.max_pipelined // 2:
                     self._pipeline_paused = False
@@ -655,6 +660,8 @@ class _Connection(BaseProtocol):
     def _failed(
         self, exc: BaseException, exchange: Exchange, keep: bool, version: tuple[int, int]
     ) -> bool:
+        if isinstance(exc, ConnectionError) and not isinstance(exc, aiohttp.ClientError):
+            raise exc  # the client left while an interim answer was written: a 499
         status, kind, reason = error_status(exc)
         server = self.server
         exchange.status = status
@@ -681,8 +688,6 @@ class _Connection(BaseProtocol):
                     type(exc).__name__,
                     exc,
                 )
-        if isinstance(exc, _ClientGone):
-            raise exc
         with contextlib.suppress(_ClientGone):
             self._write(own_response(status, f"{status} {reason}\n", close=not keep))
         return keep
