@@ -1,15 +1,16 @@
-"""Every code block in README.md and docs/frameworks/*.md runs as written, or is checked for real.
+"""Every code block in README.md, docs/architecture.md and docs/frameworks/*.md runs as written,
+or is checked for real.
 
 The blocks are read from the Markdown files themselves, by language, so editing a
 snippet re-runs its check and a new block cannot slip in unchecked: a block of a
 language this file has no check for fails `test_every_block_has_a_check`.
 
 - python: the snippet, verbatim, inside a minimal app of its framework (the guide's
-  cited file's imports, one route, `app`), served for real (gunicorn for Flask,
+  cited file's imports, one route, `app`), served for real (gunicorn for Flask and Django,
   uvicorn otherwise) behind the real proxy; requests that identify a consumer the
   way the snippet reads it must be metered under that consumer, name and group
   (`/dashboard.json`). A guide's snippet must also be the cited tested file's code.
-- js: the same with node and Fastify.
+- js: the same with node and Fastify or Express.
 - toml: loaded by the proxy's own config loader, then the proxy runs with it in
   front of the framework's parity app: route source "config", every declared route
   answered by the app and counted under its declared template.
@@ -69,6 +70,8 @@ from tests.support.upstream import Upstream
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+# Pages checked as the README is (its blocks moved there): the same languages, the same checks.
+README_PAGES = [README, ROOT / "docs" / "architecture.md"]
 GUIDES = sorted((ROOT / "docs" / "frameworks").glob("*.md"))
 FASTIFY_DIR = ROOT / "tests" / "apps" / "fastify"
 FASTIFY_PARITY_DIR = ROOT / "tests" / "apps" / "parity_fastify"
@@ -93,12 +96,12 @@ class Block:
 
     @property
     def kind(self) -> str:
-        return "README.md" if self.path == README else "guide"
+        return "README.md" if self.path in README_PAGES else "guide"
 
     @property
     def framework(self) -> str | None:
         """The guide's framework (its file name), None for the README."""
-        return None if self.path == README else self.path.stem
+        return None if self.path in README_PAGES else self.path.stem
 
     def __str__(self) -> str:
         return f"{self.path.relative_to(ROOT)}:{self.line}"
@@ -133,7 +136,7 @@ def read_blocks(path: Path) -> list[Block]:
     return out
 
 
-ALL_BLOCKS = [b for path in (README, *GUIDES) for b in read_blocks(path)]
+ALL_BLOCKS = [b for path in (*README_PAGES, *GUIDES) for b in read_blocks(path)]
 
 
 def blocks(lang: str, kind: str | None = None) -> list[Any]:
@@ -153,7 +156,7 @@ def test_every_block_has_a_check():
     ]
     assert not unchecked, f"code blocks no test checks: {unchecked}"
     # The files this test is about have blocks; a rename must not empty it silently.
-    assert {b.path for b in ALL_BLOCKS} == {README, *GUIDES}
+    assert {b.path for b in ALL_BLOCKS} == {*README_PAGES, *GUIDES}
 
 
 # ---------------------------------------------------------------- shared helpers
@@ -236,6 +239,7 @@ class Harness:
     consumers: dict[str, tuple[str | None, str | None]] = field(
         default_factory=lambda: GUIDE_CONSUMERS
     )
+    env: dict[str, str] = field(default_factory=dict)  # for the app; `{module}` is its name
 
 
 def uvicorn(module: str, port: int) -> list[str]:
@@ -289,6 +293,34 @@ routes = [Route("/items/{item_id:int}", _docs_item)]
         "app = Starlette(routes=routes)",
         {"routes"},
         uvicorn,
+    ),
+    # Django reads its settings from the parity app's settings module, which takes the
+    # URLconf and the middleware (the snippet's `consumer_header`) from this module.
+    "django-ninja": Harness(
+        "from django.core.wsgi import get_wsgi_application\n"
+        "from django.urls import path\n"
+        "from ninja import NinjaAPI\n",
+        """
+_api = NinjaAPI()
+
+@_api.get("/items/{item_id}")
+def _docs_item(request, item_id: int):
+    return {"id": item_id}
+
+urlpatterns = [path("", _api.urls)]
+{app}
+""",
+        # Built at the first request: the middleware (the snippet) comes after this line.
+        "def app(environ, start_response):\n"
+        "    global _wsgi\n"
+        "    _wsgi = globals().get('_wsgi') or get_wsgi_application()\n"
+        "    return _wsgi(environ, start_response)",
+        set(),
+        gunicorn,
+        env={
+            "DJANGO_SETTINGS_MODULE": "tests.apps.parity_django_ninja_settings",
+            "DJANGO_NINJA_APP": "{module}",
+        },
     ),
     "litestar": Harness(
         "from litestar import Litestar, get\n",
@@ -448,10 +480,11 @@ async def test_a_python_snippet_meters_its_consumers_behind_the_proxy(
     module.write_text(snippet_module(block, harness))
     compile(module.read_text(), str(module), "exec")
     port = free_port()
+    extra = {name: value.format(module=module.stem) for name, value in harness.env.items()}
     app = AppProcess(
         harness.serve(module.stem, port),
         port,
-        env=app_env(PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)])),
+        env=app_env(PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]), **extra),
         log_path=tmp_path / "app.log",
     )
     framework = block.framework or "flask"
@@ -476,37 +509,62 @@ def normalised_js(text: str) -> str:
     return " ".join(re.sub(r"//[^\n]*", "", text).split())
 
 
+@dataclass(frozen=True)
+class JsHarness:
+    """A minimal node app around a JS snippet: `app` creates it, the snippet goes between
+    `before` and `after` (which defines /items/:itemId and listens on argv[2])."""
+
+    directory: Path  # whose node_modules the app uses
+    app: str
+    before: str
+    after: str
+
+
+EXPRESS_PARITY_DIR = ROOT / "tests" / "apps" / "parity_express"
+JS_HARNESSES = {
+    "fastify": JsHarness(
+        FASTIFY_DIR,
+        'const fastify = require("fastify")({ logger: false });\n',
+        'fastify.get("/items/:itemId", async (request) => ({ id: request.params.itemId }));\n',
+        'fastify.listen({ host: "127.0.0.1", port: Number(process.argv[2]) });\n',
+    ),
+    # Express middleware runs in order: the snippet's before the route.
+    "express": JsHarness(
+        EXPRESS_PARITY_DIR,
+        'const express = require("express");\nconst app = express();\n',
+        "",
+        'app.get("/items/:itemId", (req, res) => res.json({ id: req.params.itemId }));\n'
+        'app.listen({ host: "127.0.0.1", port: Number(process.argv[2]) });\n',
+    ),
+}
+
+
 @pytest.mark.parametrize("block", blocks("js"))
 async def test_a_js_snippet_meters_its_consumers_behind_the_proxy(
     block: Block, start_proxy, http, tmp_path
 ):
-    assert block.framework == "fastify", f"{block}: no JS harness for {block.framework}"
+    assert block.framework in JS_HARNESSES, f"{block}: no JS harness for {block.framework}"
+    js = JS_HARNESSES[block.framework]
     source = cited_file(block)
     assert source is not None and source.is_file(), f"{block}: cites no tests/apps/ file"
     assert normalised_js(block.text) in normalised_js(source.read_text()), (
         f"{block}: not the code of {source.relative_to(ROOT)} (comments aside)"
     )
-    npm_ci(FASTIFY_DIR)
+    npm_ci(js.directory)
     table = {
         key: {k: v for k, v in zip(("identifier", "name", "group"), c, strict=True) if v}
         for key, c in CONSUMERS.items()
     }
     script = tmp_path / "app.js"
     script.write_text(
-        '"use strict";\n'
-        'const fastify = require("fastify")({ logger: false });\n'
-        f"const CONSUMERS = {json.dumps(table, ensure_ascii=False)};\n"
+        '"use strict";\n' + js.app + f"const CONSUMERS = {json.dumps(table, ensure_ascii=False)};\n"
         "function consumerFor(request) {\n"
         '  const auth = request.headers.authorization || "";\n'
         '  return auth.startsWith("Bearer ") ? CONSUMERS[auth.slice(7)] : undefined;\n'
-        "}\n"
-        'fastify.get("/items/:itemId", async (request) => ({ id: request.params.itemId }));\n'
-        "// ---- the snippet, verbatim\n"
-        + block.text
-        + 'fastify.listen({ host: "127.0.0.1", port: Number(process.argv[2]) });\n'
+        "}\n" + js.before + "// ---- the snippet, verbatim\n" + block.text + js.after
     )
     port = free_port()
-    node_path = str(FASTIFY_DIR / "node_modules")
+    node_path = str(js.directory / "node_modules")
     app = AppProcess(
         ["node", str(script), str(port)],
         port,
@@ -515,7 +573,7 @@ async def test_a_js_snippet_meters_its_consumers_behind_the_proxy(
         log_path=tmp_path / "app.log",
     )
     try:
-        _, proxy = await together(app.start(), start_proxy(app.url, "--framework", "fastify"))
+        _, proxy = await together(app.start(), start_proxy(app.url, "--framework", block.framework))
         for headers in GUIDE_REQUESTS:
             r = await send(http, proxy.url + "/items/1", headers)
             assert r.status == 200, f"{block}: {r.status}\n{app.log()}"
@@ -532,18 +590,21 @@ async def test_a_js_snippet_meters_its_consumers_behind_the_proxy(
 def parity_app(framework: str) -> AppProcess:
     """The framework's parity app (the routes the guides declare), plain mode."""
     port = free_port()
-    if framework == "fastify":
-        npm_ci(FASTIFY_PARITY_DIR)
-        return AppProcess(["node", "app.js", str(port)], port, cwd=FASTIFY_PARITY_DIR)
+    node_dirs = {"fastify": FASTIFY_PARITY_DIR, "express": EXPRESS_PARITY_DIR}
+    if framework in node_dirs:
+        npm_ci(node_dirs[framework])
+        return AppProcess(["node", "app.js", str(port)], port, cwd=node_dirs[framework])
     serve = gunicorn if framework == "flask" else uvicorn
     return AppProcess(serve(f"tests.apps.parity_{framework}_app", port), port, env=app_env())
 
 
 def app_routes(framework: str) -> set[tuple[str, str]]:
     """(METHOD, path as the framework spells it) of every route the parity app defines."""
-    if framework == "fastify":
-        source = (FASTIFY_PARITY_DIR / "app.js").read_text()
-        found = re.findall(r'fastify\.(get|post|put|patch|delete)\(\s*"([^"]+)"', source)
+    if framework in ("fastify", "express"):
+        directory = FASTIFY_PARITY_DIR if framework == "fastify" else EXPRESS_PARITY_DIR
+        source = (directory / "app.js").read_text()
+        call = "fastify" if framework == "fastify" else "app"
+        found = re.findall(rf'{call}\.(get|post|put|patch|delete)\(\s*"([^"]+)"', source)
         return {(method.upper(), path) for method, path in found}
     if framework == "flask":
         from tests.apps.parity_flask_app import app as flask_app
