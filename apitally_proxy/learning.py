@@ -15,7 +15,8 @@ same parent lead to the same continuation:
   names), and common words and versions (`v1`, `api`, `me`, `new`, `search` …)
   stay literal wherever they are.
 
-Only answers that prove a route teach (never 404/405 or a validation error);
+404/405 answers never teach; a validation error teaches only when no known route
+fits (else it counts under that route);
 everything is bounded (nodes, children per node), and what was learned is a
 short list of parameter positions, saved in the state dir.
 """

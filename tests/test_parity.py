@@ -5,7 +5,7 @@ goes (a) through a real proxy process in front of the plain app, which names its
 consumer in response headers, and (b) straight at the same app with the official
 Apitally client enabled (apitally 0.25.1 for Python, apitally 0.25.8 for Fastify),
 each side reporting to its own recording fake hub. The hubs' aggregates are then
-compared one by one. Only the by-design differences listed in README.md
+compared one by one. Only the by-design differences listed in docs/differences.md
 ("Differences from the official in-process clients") are normalised away, each
 named below for the rows it applies to; everything else must be equal.
 """
@@ -40,7 +40,7 @@ SIZE_FIELDS = ("response_size_sum", "response_sizes")
 
 @dataclass(frozen=True)
 class Difference:
-    """A by-design difference from the README table, and the request rows it covers."""
+    """A by-design difference from the docs/differences.md table, and the request rows it covers."""
 
     why: str
     status: int | None = None  # rows with this status (None: any)
@@ -233,8 +233,8 @@ def test_startup_client_tag(parity):
 
 
 def test_server_errors_are_the_official_clients_alone(parity):
-    # By design (README): the proxy cannot see exceptions inside the app, so it sends no
-    # server_errors rows; the official client reports one per unhandled exception.
+    # By design (docs/differences.md): the proxy cannot see exceptions inside the app, so it
+    # sends no server_errors rows; the official client reports one per unhandled exception.
     result, _ = parity
     assert all(p["server_errors"] == [] for p in result.proxy.syncs)
     official = [e for p in result.official.syncs for e in p["server_errors"]]

@@ -5,7 +5,7 @@ traffic through the proxy (write token) in front of the plain app and at the app
 instrumented with apitally 1.0.0, both exporting to recording OTLP receivers that
 decode the protobuf. Compared per (method, route, status, consumer): request counts,
 size counts, sums and exponential buckets; consumer updates; startup paths;
-validation-error events. Only the README's by-design differences are taken out.
+validation-error events. Only the by-design differences (docs/differences.md) are taken out.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def sides(request, tmp_path_factory) -> Iterator[tuple[str, OtlpSide, OtlpSide]]
 
 
 def unhandled_500(key: RequestKey) -> bool:
-    # README differences table: an unhandled exception's 500 is written outside the app's
+    # docs/differences.md: an unhandled exception's 500 is written outside the app's
     # middleware (no consumer header for the proxy; a different body for the client).
     return key[2] == 500
 

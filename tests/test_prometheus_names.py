@@ -227,7 +227,7 @@ async def test_undeliverable_payloads_expire_and_show(upstream, http, start_prox
 
 
 async def test_spool_full_drops_are_on_metrics(upstream, http, start_proxy, tmp_path):
-    """README ("Nothing lost"): the spool is bounded by spool_max_bytes, the oldest are
+    """docs/reliability.md ("Nothing lost"): the spool is bounded by spool_max_bytes, the oldest are
     dropped and counted on /metrics. One interval of 400 named consumers (~200 KB of
     rows), then the next payload: the first goes."""
     config = tmp_path / "spool.toml"
