@@ -30,6 +30,11 @@ class MatchRules:
     # Fastify splits the raw path and decodes each segment (an encoded '/' stays
     # inside its segment); the Python frameworks decode the whole path first.
     decode_per_segment: bool = False
+    # Django resolves the path before the view looks at the method: a method the
+    # route lacks (Django Ninja's 405, HEAD included) still counts under its template.
+    method_after_path: bool = False
+    # Express matches literal segments case-insensitively (`/ITEMS` is `/items`).
+    case_sensitive: bool = True
 
     @classmethod
     def for_framework(cls, framework: str | None) -> MatchRules:
@@ -177,6 +182,37 @@ FRAMEWORKS: dict[str, Framework] = {
             spelling=Spelling("colon"),
             probes=(Probe("/documentation/json", 30),),  # @fastify/swagger-ui
             validation=Validation(frozenset({400, 422}), "ajv"),
+        ),
+        Framework(
+            # apitally 0.25.1 apitally/django.py (apitally.django_ninja re-exports it):
+            # templates are Django's resolved route with `<conv:name>` as `{name}`; startup
+            # paths are the Ninja document's, methods as its keys (lower-case); 422 bodies
+            # whose `detail` is a list are pydantic errors, with no size limit. 1.x: "django".
+            name="django-ninja",
+            client_tag="python:django",
+            otlp_name="django",
+            rules=MatchRules(head_from_get=False, method_after_path=True),
+            spelling=OPENAPI_SPELLING,
+            paths_lower_methods=True,
+            probes=(Probe("/api/openapi.json", None),),  # the tutorial's `path("api/", ...)`
+            doc_titles=frozenset({"NinjaAPI"}),
+            validation=Validation(frozenset({422}), "pydantic", json_only=True),
+        ),
+        Framework(
+            # npm apitally 0.25.8 dist/express/middleware.js and utils.js: templates are
+            # `req.route.path` (`:name`, inline regexes stripped) after the routers' mount
+            # paths; unmatched requests (no `req.route`) are not counted; startup paths are
+            # the app's routes, upper-case GET/POST/PUT/DELETE/PATCH; 400 and 422 bodies
+            # sent with res.send/res.json are read as express-validator, celebrate or
+            # NestJS errors, the first shape that finds any. Express 5 routes are
+            # case-insensitive, ignore a trailing slash, answer HEAD on GET routes and
+            # decode parameters per segment.
+            name="express",
+            client_tag="js:express",
+            otlp_name="express",
+            rules=MatchRules(strict_slash=False, decode_per_segment=True, case_sensitive=False),
+            spelling=Spelling("colon"),
+            validation=Validation(frozenset({400, 422}), "express"),
         ),
     )
 }

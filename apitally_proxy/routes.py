@@ -254,6 +254,9 @@ class _Node:
         self.rest: dict[str, str] | None = None  # catch-all parameter ending here
 
 
+_ANY_METHOD = ""  # what a method_after_path route also answers (no request's method)
+
+
 class RouteTable:
     """A compiled set of routes: `match(method, path)` walks a segment trie."""
 
@@ -266,6 +269,8 @@ class RouteTable:
             segs = route.segments
             if not self.rules.strict_slash and segs and segs[-1] == "" and len(segs) > 1:
                 segs = segs[:-1]
+            if not self.rules.case_sensitive:
+                segs = tuple(_fold(seg) for seg in segs)
             key = (route.method, segs)
             if key in seen:  # the first spelling of a route wins
                 continue
@@ -277,6 +282,8 @@ class RouteTable:
         return len(self.routes)
 
     def _insert(self, segs: tuple[Segment, ...], method: str, template: str) -> None:
+        # method_after_path: the route also answers _ANY_METHOD, which no request has.
+        methods = (method, _ANY_METHOD) if self.rules.method_after_path else (method,)
         node = self._root
         for i, seg in enumerate(segs):
             if isinstance(seg, str):
@@ -288,13 +295,15 @@ class RouteTable:
             if seg.kind == "path" and i == len(segs) - 1:
                 if node.rest is None:
                     node.rest = {}
-                node.rest.setdefault(method, template)
+                for m in methods:
+                    node.rest.setdefault(m, template)
                 return
             check = _KIND_CHECKS.get(seg.kind or "")
             node = _child(node.params, check)
         if node.methods is None:
             node.methods = {}
-        node.methods.setdefault(method, template)
+        for m in methods:
+            node.methods.setdefault(m, template)
 
     def match(self, method: str, path: str, loose: bool = False) -> str | None:
         """The template of the route serving `method path` (raw path), or None.
@@ -314,9 +323,13 @@ class RouteTable:
             segs.pop()
         if len(segs) > MAX_SEGMENTS + 2:
             return None
+        if not rules.case_sensitive:
+            segs = [seg.lower() for seg in segs]
         found = _walk(self._root, segs, 1, method, loose)
         if found is None and method == "HEAD" and rules.head_from_get:
             found = _walk(self._root, segs, 1, "GET", loose)
+        if found is None and rules.method_after_path:
+            found = _walk(self._root, segs, 1, _ANY_METHOD, loose)
         return found
 
     def paths(self, framework: str | None = None) -> list[dict[str, str]]:
@@ -332,6 +345,15 @@ class RouteTable:
                 }
             )
         return out
+
+
+def _fold(seg: Segment) -> Segment:
+    """A segment of a case-insensitive router: literals lower-case, patterns ignoring case."""
+    if isinstance(seg, str):
+        return seg.lower()
+    if isinstance(seg, Pattern):
+        return Pattern(seg.source, re.compile(seg.regex.pattern, re.IGNORECASE))
+    return seg
 
 
 def _child(children: list, check: Callable[[str], object] | None) -> _Node:

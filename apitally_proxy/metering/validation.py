@@ -10,6 +10,10 @@ entry (frameworks.py: `Framework.validation`); the shapes are read here:
   only for bodies under 4096 bytes.
 - Fastify: 400 or 422, `{"code": "FST_ERR_VALIDATION" | absent, "message": "<AJV errors>"}`;
   each `body/x …`, `querystring/x …` part of the message is one error.
+- Django Ninja: 422, the same pydantic `detail` list as FastAPI (no body limit).
+- Express: 400 or 422, express-validator `{"errors": [{"location", "path", "msg", "type"}]}`,
+  celebrate `{"validation": {"body": {"source", "keys", "message"}}}` or NestJS
+  `{"message": ["..."]}`.
 
 Everything here is pure and synchronous; a malformed body yields no errors.
 """
@@ -146,11 +150,88 @@ def fastify_errors(body: Any) -> list[ErrorItem]:
     return out
 
 
+def express_errors(body: Any) -> list[ErrorItem]:
+    """Express: express-validator's `errors`, celebrate's `validation` or NestJS's `message`
+    list, whichever finds errors first (the npm client's three readers, in its order)."""
+    if not isinstance(body, dict):
+        return []
+    return _express_validator(body) or _celebrate(body) or _nest(body)
+
+
+def _js_loc(text: str) -> Loc:
+    # The JS client joins location parts with "." and splits again, dropping empty parts.
+    return tuple(p for p in text.split(".") if p)
+
+
+def _truthy(value: Any) -> bool:
+    return value is not None and value is not False and value != "" and value != 0
+
+
+def _express_validator(body: dict[str, Any]) -> list[ErrorItem]:
+    errors = body.get("errors")
+    if not isinstance(errors, list):
+        return []
+    out: list[ErrorItem] = []
+    for e in errors:
+        if not isinstance(e, dict):
+            continue
+        location, path, msg, typ = e.get("location"), e.get("path"), e.get("msg"), e.get("type")
+        if not all(_truthy(v) for v in (location, path, msg, typ)):
+            continue
+        # (A `msg` that is no string breaks the JS client's counter: it counts nothing.)
+        if not (_scalar(location) and _scalar(path) and isinstance(msg, str) and _scalar(typ)):
+            continue
+        out.append((_js_loc(f"{_js_str(location)}.{_js_str(path)}"), msg, typ))
+    return out
+
+
+def _celebrate(body: dict[str, Any]) -> list[ErrorItem]:
+    validation = body.get("validation")
+    if not isinstance(validation, dict):
+        return []
+    out: list[ErrorItem] = []
+    for e in validation.values():
+        if not isinstance(e, dict):
+            continue
+        source, keys, message = e.get("source"), e.get("keys"), e.get("message")
+        if not (_truthy(source) and isinstance(keys, list) and isinstance(message, str)):
+            continue
+        if not message or not _scalar(source):
+            continue
+        for key in keys:
+            if not _scalar(key):
+                continue
+            name = _js_str(key)
+            # The message's sentence naming the key, else the whole message.
+            part = next((m for m in message.split(". ") if f'"{name}"' in m), message)
+            out.append((_js_loc(f"{_js_str(source)}.{name}"), part, ""))
+    return out
+
+
+def _nest(body: dict[str, Any]) -> list[ErrorItem]:
+    messages = body.get("message")
+    if not isinstance(messages, list):
+        return []
+    return [((), m, "") for m in messages if isinstance(m, str)]
+
+
+def _js_str(value: Any) -> str:
+    """String(value) as JavaScript writes a JSON scalar."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
 # The body shapes a registry entry's `Validation.parser` names.
 PARSERS: dict[str, Callable[[Any], list[ErrorItem]]] = {
     "pydantic": starlette_errors,
     "detail-extra": litestar_errors,
     "ajv": fastify_errors,
+    "express": express_errors,
 }
 
 
