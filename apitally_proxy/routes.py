@@ -482,7 +482,9 @@ class RouteResolver:
             if found is None and loose:
                 found = table.match(method, full, loose=True)
             return found
-        shaped = self._shape(path)
+        shaped = self._cache.get(path)
+        if shaped is None:
+            shaped = self._shape(path)
         if loose:
             # `/items/abc` rejected: `/items/{id}` is the route, if it is known.
             known = self.learner.apply(shaped, loose=True)
@@ -508,14 +510,12 @@ class RouteResolver:
         return template
 
     def _shape(self, path: str) -> str:
-        """The path with id-like segments as parameters (cached)."""
-        shaped = self._cache.get(path)
-        if shaped is None:
-            shaped = template_segments(path)
-            if len(path) <= MAX_CACHED_PATH:  # hostile long paths would pin memory
-                if len(self._cache) >= self._cache_size:
-                    self._cache.clear()
-                self._cache[path] = shaped
+        """The path with id-like segments as parameters, cached."""
+        shaped = template_segments(path)
+        if len(path) <= MAX_CACHED_PATH:  # hostile long paths would pin memory
+            if len(self._cache) >= self._cache_size:
+                self._cache.clear()
+            self._cache[path] = shaped
         return shaped
 
     def _map(self, shaped: str) -> str:

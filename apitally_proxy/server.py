@@ -20,7 +20,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from apitally_proxy import __version__, frameworks
 from apitally_proxy.admin import build_admin_app
-from apitally_proxy.aio import wait_or_hurry
+from apitally_proxy.aio import Background, wait_or_hurry
 from apitally_proxy.capture import Captures
 from apitally_proxy.cluster import StatusPublisher, merged_status, status_path
 from apitally_proxy.config import (
@@ -143,6 +143,7 @@ class Worker:
         self._runner: web.ServerRunner | None = None
         self._admin_runner: web.AppRunner | None = None
         self._publisher: StatusPublisher | None = None
+        self._background = Background()
 
     def _make_transport(self) -> Transport:
         s = self.settings
@@ -339,6 +340,8 @@ class Worker:
             started.push_async_callback(self.discovery.stop)
             await self.discovery.first_round(timeout=2.0)
             await self.sync.start()
+            # The dashboard's window moves on by this timer: no clock read per request.
+            self._background.start(self._advance_recent(), "recent-window")
             started.pop_all()  # all up: from here on, drain_and_stop stops them in order
         self.ready = True
         s = self.settings
@@ -355,6 +358,11 @@ class Worker:
             self.lease.uuid,
             mode,
         )
+
+    async def _advance_recent(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.meter.recent.advance()
 
     async def _start_proxy_server(
         self, started: contextlib.AsyncExitStack, reuse_port: bool
@@ -470,6 +478,7 @@ class Worker:
                     grace,
                 )
                 await wait_or_hurry(cleanup, (deadline - loop.time()) / 2)
+        await self._background.stop()
         await self.discovery.stop()
         await self.proxy.close()
         if self.request_log is not None:
