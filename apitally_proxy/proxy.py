@@ -134,7 +134,6 @@ class Exchange:
     __slots__ = (
         "apitally_headers",
         "client_address",
-        "consumer",
         "got_headers",
         "log",
         "method",
@@ -150,7 +149,6 @@ class Exchange:
         "response_time",
         "started_at",
         "status",
-        "template",
         "upstream_error",
     )
 
@@ -176,9 +174,6 @@ class Exchange:
         self.request_body: BodyCapture | None = None
         self.response_headers: CIMultiDict[str] | None = None
         self.response_body: BodyCapture | None = None
-        # Filled by the recorder: the route template and consumer it counted the request under.
-        self.template: str | None = None
-        self.consumer: str | None = None
 
 
 Recorder = Callable[[Exchange], None]

@@ -207,9 +207,9 @@ class Worker:
 
     def _record(self, exchange: Exchange) -> None:
         """The one call per finished request: meter it, then (maybe) log it."""
-        self.meter.record(exchange)
+        template, consumer = self.meter.record(exchange)
         if exchange.log and self.request_log is not None:
-            self.request_log.add(exchange)
+            self.request_log.add(exchange, template, consumer)
 
     def _startup_payload(self, instance_uuid: str) -> dict[str, Any]:
         s = self.settings

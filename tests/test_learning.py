@@ -130,14 +130,14 @@ def test_the_open_interval_is_merged_under_learned_templates_before_a_sync():
         request_headers = None
         response_body = None
         response_headers = None
-        template = None
-        consumer = None
 
         def __init__(self, path: str) -> None:
             self.path = path
 
     for name in WORDS[: MIN_LEAF_SIBLINGS + 2]:
-        meter.record(Seen(f"/users/{name}"))
+        template, consumer = meter.record(Seen(f"/users/{name}"))
+        assert consumer is None
+    assert template == "/users/{id}"  # what the meter derived is returned, not written back
     rows = meter.get_and_reset()["requests"]
     assert [(row["path"], row["request_count"]) for row in rows] == [
         ("/users/{id}", MIN_LEAF_SIBLINGS + 2)

@@ -84,11 +84,9 @@ def exchange(path: str = "/x") -> SimpleNamespace:
     return SimpleNamespace(
         started_at=1.0,
         method="GET",
-        template=path,
         request_url="http://h" + path,
         request_headers=headers,
         request_size=None,
-        consumer="c",
         request_body=None,
         status=200,
         response_time=0.001,
@@ -107,15 +105,15 @@ async def test_disk_full_pauses_logging_and_drops_the_batch(tmp_path: Path, monk
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(rl, "_LogFile", full)
-    log.add(exchange())
+    log.add(exchange(), "/x", "c")
     await log.flush()
     assert log.paused_until is not None and not log.accepting
     assert "No space left" in (log.last_error or "")
-    log.add(exchange())  # refused while paused
+    log.add(exchange(), "/x", "c")  # refused while paused
     assert log.status().buffered == 0
     monkeypatch.undo()
     log.paused_until = 0.0  # the pause is over
-    log.add(exchange())
+    log.add(exchange(), "/x", "c")
     await log.deliver()
     await log.close()
     (f,) = (tmp_path / "logs").glob("*.ndjson.gz")
@@ -127,7 +125,7 @@ async def test_waiting_files_are_capped(tmp_path: Path, monkeypatch):
     log = RequestLog(RequestLogSettings(), tmp_path)
     await log.start()
     for _ in range(5):
-        log.add(exchange())
+        log.add(exchange(), "/x", "c")
         await log.deliver()  # local mode: rotates, keeps the files
     await log.close()
     assert len(list(tmp_path.glob("*.ndjson.gz"))) == 3
@@ -143,7 +141,7 @@ async def test_402_drops_files_and_suspends(tmp_path: Path):
 
     log = RequestLog(RequestLogSettings(), tmp_path, send=send)
     await log.start()
-    log.add(exchange())
+    log.add(exchange(), "/x", "c")
     await log.deliver()
     assert len(sent) == 1
     assert not log.accepting and not log.wants("GET", "/x", None)

@@ -363,8 +363,9 @@ class RequestLog:
             return False
         return not (user_agent is not None and self._exclude_agent(user_agent))
 
-    def add(self, ex: Any) -> None:
-        """Buffer one finished exchange (references only; the writer thread does the rest)."""
+    def add(self, ex: Any, template: str | None, consumer: str | None) -> None:
+        """Buffer one finished exchange with the template and consumer metering counted
+        it under (references only; the writer thread does the rest)."""
         if not self.accepting:
             return
         if len(self._buffer) >= self._max_buffered:
@@ -383,11 +384,11 @@ class RequestLog:
             Item(
                 ex.started_at,
                 ex.method,
-                ex.template,
+                template,
                 ex.request_url,
                 ex.request_headers,
                 ex.request_size,
-                ex.consumer,
+                consumer,
                 req_body,
                 ex.status,
                 ex.response_time,

@@ -6,7 +6,7 @@ import logging
 from typing import Any, Protocol
 
 from apitally_proxy import frameworks
-from apitally_proxy.metering.consumers import ConsumerRegistry, parse_consumer
+from apitally_proxy.metering.consumers import Consumer, ConsumerRegistry, parse_consumer
 from apitally_proxy.metering.histograms import HistogramCounter
 from apitally_proxy.metering.identity import ConsumerIdentity
 from apitally_proxy.metering.prometheus import RouteHistograms
@@ -46,9 +46,12 @@ class Observed(Protocol):
     # A bounded copy of the response body (error responses only) and its headers.
     response_body: Any
     response_headers: Any
-    # Written back for later readers of the same observation (the request log).
-    template: str | None
-    consumer: str | None
+
+
+# What metering derived for one request, for later readers (the request log): the route
+# template it was counted under (None: not counted) and the consumer identifier.
+Metered = tuple[str | None, str | None]
+NOT_METERED: Metered = (None, None)
 
 
 class TemplateResolver(Protocol):
@@ -88,12 +91,13 @@ class Meter:
         self.unmatched = 0
         self.status_counts: dict[int, int] = {}
 
-    def record(self, ex: Observed) -> None:
-        """Count one request under (consumer, method, template, status)."""
+    def record(self, ex: Observed) -> Metered:
+        """Count one request under (consumer, method, template, status); returns the
+        template and consumer it was counted under (the observation is only read)."""
         self.recorded += 1
         self.status_counts[ex.status] = self.status_counts.get(ex.status, 0) + 1
         if ex.method == "OPTIONS" or ex.status == 101:
-            return  # neither is counted by the official clients (101: a WebSocket session)
+            return NOT_METERED  # not counted by the official clients (101: a WebSocket)
         headers = ex.apitally_headers
         route = headers.get(HEADER_ROUTE) if headers is not None else None
         # The app naming the route itself (X-Apitally-Route) wins over any route source.
@@ -111,31 +115,15 @@ class Meter:
             if headers is not None and ex.log:
                 # Not counted, but its request log names the consumer the app gave.
                 unmatched = parse_consumer(headers.get(HEADER_CONSUMER))
-                ex.consumer = unmatched.identifier if unmatched is not None else None
-            return
-        consumer = None
-        if headers is not None:
-            consumer = parse_consumer(
-                headers.get(HEADER_CONSUMER),
-                headers.get(HEADER_CONSUMER_NAME),
-                headers.get(HEADER_CONSUMER_GROUP),
-            )
-        # The app's own X-Apitally-Consumer wins. A key names a consumer only once the
-        # app accepted it: random keys must not crowd real consumers out of the cap.
-        if consumer is None and self.identity is not None:
-            request_headers = ex.request_headers
-            if request_headers is not None:
-                found = self.identity.identify(request_headers)
-                if found is not None and self.identity.vouched(found.identifier, ex.status):
-                    consumer = found
+                return None, unmatched.identifier if unmatched is not None else None
+            return NOT_METERED
+        consumer = self._consumer(ex, headers)
         consumer_id = None
         if consumer is not None:
             consumer_id = consumer.identifier
             self.consumers.add_or_update(consumer)
             if consumer.name is not None or consumer.group is not None:
                 self.recent.name_consumer(consumer_id, consumer.name, consumer.group)
-        ex.template = template
-        ex.consumer = consumer_id
         self.requests.add_request(
             consumer_id,
             ex.method,
@@ -151,25 +139,46 @@ class Meter:
         )
         body = ex.response_body
         if body is not None and ex.status in VALIDATION_STATUSES and not body.overflow:
-            rh = ex.response_headers
-            choice = self._choice
-            framework = choice.framework
-            if framework is None and choice.guess:
-                # The route discovery may have recognised the app by now.
-                framework = frameworks.get(getattr(self.resolver, "framework", None))
-            errors = extract_validation_errors(
-                framework,
-                ex.status,
-                rh.get("Content-Type") if rh is not None else None,
-                rh.get("Content-Encoding") if rh is not None else None,
-                body.data,
-                choice.guess,
+            self._validation_errors(ex, body.data, template, consumer_id)
+        return template, consumer_id
+
+    def _consumer(self, ex: Observed, headers: dict[str, str] | None) -> Consumer | None:
+        """The app's own X-Apitally-Consumer wins. A key names a consumer only once the
+        app accepted it: random keys must not crowd real consumers out of the cap."""
+        if headers is not None:
+            consumer = parse_consumer(
+                headers.get(HEADER_CONSUMER),
+                headers.get(HEADER_CONSUMER_NAME),
+                headers.get(HEADER_CONSUMER_GROUP),
             )
-            if errors:
-                self.validation_errors.add_validation_errors(
-                    consumer_id, ex.method, template, errors
-                )
-                self.recent.observe_validation_errors(ex.method, template, errors)
+            if consumer is not None:
+                return consumer
+        if self.identity is not None and ex.request_headers is not None:
+            found = self.identity.identify(ex.request_headers)
+            if found is not None and self.identity.vouched(found.identifier, ex.status):
+                return found
+        return None
+
+    def _validation_errors(
+        self, ex: Observed, body: bytes, template: str, consumer_id: str | None
+    ) -> None:
+        rh = ex.response_headers
+        choice = self._choice
+        framework = choice.framework
+        if framework is None and choice.guess:
+            # The route discovery may have recognised the app by now.
+            framework = frameworks.get(getattr(self.resolver, "framework", None))
+        errors = extract_validation_errors(
+            framework,
+            ex.status,
+            rh.get("Content-Type") if rh is not None else None,
+            rh.get("Content-Encoding") if rh is not None else None,
+            body,
+            choice.guess,
+        )
+        if errors:
+            self.validation_errors.add_validation_errors(consumer_id, ex.method, template, errors)
+            self.recent.observe_validation_errors(ex.method, template, errors)
 
     def peek(self) -> dict[str, Any]:
         """The aggregates of the open interval, leaving them in place (for checkpoints)."""
