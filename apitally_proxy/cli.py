@@ -13,11 +13,11 @@ import time
 from typing import Any
 
 from apitally_proxy import __version__
+from apitally_proxy.checks import load_checked_settings
 from apitally_proxy.config import (
     ConfigError,
     Settings,
     environment_warnings,
-    load_settings,
     setting_names,
 )
 
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None
     }
     try:
-        settings = load_settings(cli_values)
+        settings = load_checked_settings(cli_values)
     except ConfigError as exc:
         print(f"apitally-proxy: error: {exc}", file=sys.stderr)
         return 2

@@ -24,19 +24,29 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from apitally_proxy import frameworks
-from apitally_proxy.metering.identity import (
-    MIN_SALT_LENGTH,
-    ConsumerMapError,
-    check_header_name,
-    read_consumer_map,
-)
-from apitally_proxy.routes import parse_declared
 
 DEFAULT_HUB_URL = "https://hub.apitally.io"
 DEFAULT_OTLP_ENDPOINT = "https://otlp.apitally.io"
 WRITE_TOKEN_PATTERN = re.compile(r"^apt_[a-zA-Z0-9]{24}$")
 OTLP_INTERVAL = 15.0  # seconds between exports, as apitally 1.0.0 (until the server says)
 ENV_PATTERN = re.compile(r"^[\w-]{1,32}$")
+MIN_SALT_LENGTH = 16  # characters of a consumer_salt
+HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,128}$")
+
+
+def check_header_name(name: str) -> str:
+    """The header name, stripped; ValueError saying why it cannot be used."""
+    name = name.strip()
+    if not HEADER_NAME.match(name):
+        raise ValueError(f"{name!r} is not an HTTP header name (e.g. X-API-Key or Authorization)")
+    if name.lower().startswith("x-apitally-"):
+        raise ValueError(
+            f"{name!r} is reserved: the proxy strips X-Apitally-* request headers; "
+            "name the header that carries the client's key (e.g. X-API-Key)"
+        )
+    return name
+
+
 HUB_URL_PATTERN = re.compile(r"^https?://[^/\s?#]+(/[^\s?#]*)?$")
 # The names --framework takes besides auto and none, and their client tags (frameworks.py).
 FRAMEWORKS = frameworks.NAMES
@@ -507,13 +517,6 @@ class Settings(BaseSettings):
             ipaddress.ip_network(item, strict=False)
         return v
 
-    @field_validator("routes")
-    @classmethod
-    def _check_routes(cls, v: list[str]) -> list[str]:
-        for entry in v:
-            parse_declared(entry)
-        return v
-
     @field_validator(
         "client_id",
         "write_token",
@@ -557,11 +560,7 @@ class Settings(BaseSettings):
                 "needs consumer_header (the request header whose consumers it names); "
                 "set --consumer-header / APITALLY_PROXY_CONSUMER_HEADER or remove it"
             )
-        try:
-            read_consumer_map(v)  # checked here, loaded (and hashed) by the worker
-        except ConsumerMapError as exc:
-            raise ValueError(str(exc)) from None
-        return v
+        return v  # its contents: checks.check_settings (loaded and hashed by the worker)
 
     # Derived views, so the rest of the code never re-parses strings.
 
@@ -716,7 +715,7 @@ def _config_file(cli_values: dict[str, Any]) -> str:
     return f"the config file {path}" if path else "the config file"
 
 
-def _describe(field_name: str, config_file: str = "the config file") -> str:
+def describe_setting(field_name: str, config_file: str = "the config file") -> str:
     field = Settings.model_fields.get(field_name)
     env, flag = setting_names(field) if field else (None, None)
     names = [f"`{field_name}` in {config_file}"]
@@ -786,6 +785,6 @@ def load_settings(cli_values: dict[str, Any] | None = None) -> Settings:
                 hint = f"; did you mean {close[0]!r}?" if close else "; remove it"
                 problems.append(f"unknown setting {loc!r} in {_config_file(values)}{hint}")
                 continue
-            where = _describe(field_name, _config_file(values)) if field_name else loc
+            where = describe_setting(field_name, _config_file(values)) if field_name else loc
             problems.append(f"{where}: {msg}")
         raise ConfigError("; ".join(problems)) from None

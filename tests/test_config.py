@@ -281,3 +281,36 @@ def test_a_busy_admin_port_exits_2_unless_the_admin_server_is_off(tmp_path):
         f"apitally-proxy: error: cannot listen on admin address 127.0.0.1:{port}"
     )
     assert "--admin-listen / APITALLY_PROXY_ADMIN_LISTEN" in line and "`off`" in line
+
+
+def test_a_bad_declared_route_names_the_setting_and_the_file(tmp_path):
+    from apitally_proxy.checks import load_checked_settings
+
+    cfg = tmp_path / "p.toml"
+    cfg.write_text('upstream = "http://127.0.0.1:1"\nroutes = ["GET /ok", "FETCH /items"]\n')
+    with pytest.raises(ConfigError) as err:
+        load_checked_settings({"config": str(cfg)})
+    assert str(err.value) == (
+        f"`routes` in the config file {cfg}: route 'FETCH /items': 'FETCH' is not an HTTP method"
+    )
+
+
+def test_config_is_a_leaf():
+    """config parses settings; the grammars of routes and consumer maps live elsewhere
+    (apitally_proxy/checks.py runs them), so config imports neither."""
+    import ast
+    from pathlib import Path
+
+    import apitally_proxy.config as config
+
+    tree = ast.parse(Path(config.__file__).read_text())
+    imported = {
+        node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+    } | {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    ours = {m for m in imported if m.startswith("apitally_proxy")}
+    assert ours <= {"apitally_proxy"}, ours  # `from apitally_proxy import frameworks` only

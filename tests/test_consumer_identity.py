@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from multidict import CIMultiDict
 
+from apitally_proxy.checks import load_checked_settings
 from apitally_proxy.config import ConfigError, load_settings
 from apitally_proxy.metering import Meter
 from apitally_proxy.metering.identity import (
@@ -196,7 +197,7 @@ def test_a_bad_map_file_is_refused_without_echoing_keys(tmp_path: Path, text, ne
 )
 def test_bad_consumer_settings_name_the_setting(values, needle):
     with pytest.raises(ConfigError) as err:
-        load_settings({"upstream": "http://127.0.0.1:1", **values})
+        load_checked_settings({"upstream": "http://127.0.0.1:1", **values})
     assert needle in str(err.value)
     assert "tooshort" not in str(err.value)  # the salt is a secret: never echoed
 

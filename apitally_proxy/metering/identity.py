@@ -29,36 +29,22 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from apitally_proxy.config import MIN_SALT_LENGTH
 from apitally_proxy.metering.consumers import MAX_NAME, Consumer
 
 ID_LENGTH = 16  # hex characters of the HMAC kept as the identifier (64 bits)
-MIN_SALT_LENGTH = 16
 SALT_FILE = "consumer-salt"
 CACHE_SIZE = 4096
 # Identifiers the app has accepted (answered below 400) at least once; bounded, oldest out.
 MAX_CONFIRMED = 20_000
 REFUSED = frozenset({401, 403})  # the app refused the credential: nobody's requests
 MAX_CACHED_VALUE = 512  # characters; longer values are hashed on every request
-HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,128}$")
 _BARE_SCHEMES = frozenset({"basic", "bearer", "digest", "token", "apikey", "api-key"})
 _HEX_ID = re.compile(rf"^[0-9a-f]{{{ID_LENGTH}}}$")
 
 
 class ConsumerMapError(ValueError):
     """The consumer map file is unreadable or malformed; the message says where."""
-
-
-def check_header_name(name: str) -> str:
-    """The header name, stripped; ValueError saying why it cannot be used."""
-    name = name.strip()
-    if not HEADER_NAME.match(name):
-        raise ValueError(f"{name!r} is not an HTTP header name (e.g. X-API-Key or Authorization)")
-    if name.lower().startswith("x-apitally-"):
-        raise ValueError(
-            f"{name!r} is reserved: the proxy strips X-Apitally-* request headers; "
-            "name the header that carries the client's key (e.g. X-API-Key)"
-        )
-    return name
 
 
 def hash_credential(salt: bytes, credential: str) -> str:
