@@ -184,17 +184,21 @@ def _validation_rows(slots: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _route_source(routes: dict[str, Any]) -> str:
     source, count, framework = routes.get("source"), routes.get("count"), routes.get("framework")
     if source == "config":
-        text = f"{count} routes declared in the config file"
+        text = f"{_plural(count or 0, 'route')} declared in the config file"
     elif source:
-        text = f"{count} routes from the OpenAPI document at {source}"
+        text = f"{_plural(count or 0, 'route')} from the OpenAPI document at {source}"
     else:
-        learned = routes.get("learned_positions") or 0
+        seen, learned = routes.get("templates_seen") or 0, routes.get("learned_positions") or 0
         text = (
-            f"no route list: {routes.get('templates_seen') or 0} templates inferred from traffic "
-            f"(ids become {{id}}; {learned} positions learned from distinct values)"
+            f"no route list: {_plural(seen, 'template')} inferred from traffic (ids become "
+            f"{{id}}; {_plural(learned, 'position')} learned from distinct values)"
         )
     if framework:
         text += f"; framework {framework}"
