@@ -14,6 +14,105 @@ from apitally_proxy.metering.prometheus import DURATION_BUCKETS, SIZE_BUCKETS, u
 StatusFn = Callable[[], dict[str, Any]]
 
 
+# Status fields shown as one plain family each: (field, family, counter?, help). The
+# other fields feed the labelled families below (FAMILY_FIELDS); tests/test_status.py holds
+# both against the status dataclasses, so a counter added there cannot miss /metrics.
+Scalar = tuple[str, str, bool, str]
+SCALARS: tuple[Scalar, ...] = (
+    (
+        "upstream_retries",
+        "apitally_proxy_upstream_retries",
+        True,
+        "Requests retried on a stale pooled connection",
+    ),
+    (
+        "refused",
+        "apitally_proxy_refused_requests",
+        True,
+        "Requests answered by the proxy itself (bad target, oversize head, CONNECT)",
+    ),
+    (
+        "unmatched",
+        "apitally_proxy_unmatched_requests",
+        True,
+        "Requests matching no known route (not metered)",
+    ),
+    (
+        "route_overflow",
+        "apitally_proxy_route_overflow",
+        True,
+        "Requests counted in the overflow route bucket",
+    ),
+    (
+        "consumer_overflow",
+        "apitally_proxy_consumer_overflow",
+        True,
+        "Requests whose consumer exceeded the cap",
+    ),
+    (
+        "consumer_unconfirmed",
+        "apitally_proxy_consumer_unconfirmed",
+        True,
+        "consumer_header requests counted without a consumer: the app refused the key "
+        "(401, 403) or never accepted it",
+    ),
+    ("in_flight", "apitally_proxy_in_flight", False, "Requests being proxied now"),
+)
+EXPORT_SCALARS: tuple[Scalar, ...] = (
+    (
+        "unencodable",
+        "apitally_proxy_unencodable_values",
+        True,
+        "Payload values that could not be encoded as they were (repaired or dropped; "
+        "the rest of each payload was kept)",
+    ),
+    (
+        "recovered_after_crash",
+        "apitally_proxy_crash_recoveries",
+        True,
+        "Checkpoints of a predecessor that did not shut down cleanly, found at start-up "
+        "and queued as payloads of their own",
+    ),
+)
+# Fields read by the labelled and special families (per status part).
+FAMILY_FIELDS = {
+    "worker": frozenset(
+        {
+            "requests_by_status",
+            "upstream_errors",
+            "validation_error_overflow",
+            "route_override_overflow",
+            "histogram_overflow",
+            "requests_total",  # the sum of apitally_proxy_requests_total{status}
+        }
+    ),
+    "export": frozenset(
+        {
+            "sent",
+            "dropped_rejected",
+            "dropped_expired",
+            "dropped_spool_full",
+            "ok",
+            "queued",
+            "spool_bytes",
+            "last_success",
+        }
+    ),
+    "request_log": frozenset(
+        {"logged", "dropped", "files_sent", "files_dropped", "buffered", "waiting_files"}
+    ),
+}
+
+
+def _scalars(values: dict[str, Any], scalars: tuple[Scalar, ...]) -> Iterator[Any]:
+    for field, name, counter, help_text in scalars:
+        value = values.get(field) or 0
+        if counter:
+            yield CounterMetricFamily(name, help_text, value=value)
+        else:
+            yield GaugeMetricFamily(name, help_text, value=value)
+
+
 class ProxyCollector(Collector):
     """Reads the proxy's plain counters at scrape time, so the hot path only adds ints."""
 
@@ -34,31 +133,7 @@ class ProxyCollector(Collector):
         for kind, n in sorted(s["upstream_errors"].items()):
             errors.add_metric([kind], n)
         yield errors
-        yield CounterMetricFamily(
-            "apitally_proxy_upstream_retries",
-            "Requests retried on a stale pooled connection",
-            value=s["upstream_retries"],
-        )
-        yield CounterMetricFamily(
-            "apitally_proxy_refused_requests",
-            "Requests answered by the proxy itself (bad target, oversize head, CONNECT)",
-            value=s["refused"],
-        )
-        yield CounterMetricFamily(
-            "apitally_proxy_unmatched_requests",
-            "Requests matching no known route (not metered)",
-            value=s["unmatched"],
-        )
-        yield CounterMetricFamily(
-            "apitally_proxy_route_overflow",
-            "Requests counted in the overflow route bucket",
-            value=s["route_overflow"],
-        )
-        yield CounterMetricFamily(
-            "apitally_proxy_consumer_overflow",
-            "Requests whose consumer exceeded the cap",
-            value=s["consumer_overflow"],
-        )
+        yield from _scalars(s, SCALARS)
         overflows = CounterMetricFamily(
             "apitally_proxy_cap_overflow",
             "Requests or values counted in an overflow bucket because a cap was reached: "
@@ -70,16 +145,7 @@ class ProxyCollector(Collector):
         overflows.add_metric(["route_overrides"], s.get("route_override_overflow", 0))
         overflows.add_metric(["histogram_series"], s.get("histogram_overflow", 0))
         yield overflows
-        yield CounterMetricFamily(
-            "apitally_proxy_consumer_unconfirmed",
-            "consumer_header requests counted without a consumer: the app refused the key "
-            "(401, 403) or never accepted it",
-            value=s["consumer_unconfirmed"],
-        )
         yield from _histograms(s.get("histograms", {}))
-        yield GaugeMetricFamily(
-            "apitally_proxy_in_flight", "Requests being proxied now", value=s["in_flight"]
-        )
         hub = s["hub"]
         mode = GaugeMetricFamily(
             "apitally_proxy_export_mode",
@@ -89,18 +155,7 @@ class ProxyCollector(Collector):
         mode.add_metric([hub["mode"]], 1)
         yield mode
         yield from _export(hub)
-        yield CounterMetricFamily(
-            "apitally_proxy_unencodable_values",
-            "Payload values that could not be encoded as they were (repaired or dropped; "
-            "the rest of each payload was kept)",
-            value=hub["unencodable"],
-        )
-        yield CounterMetricFamily(
-            "apitally_proxy_crash_recoveries",
-            "Checkpoints of a predecessor that did not shut down cleanly, found at start-up "
-            "and queued as payloads of their own",
-            value=hub.get("recovered_after_crash", 0),
-        )
+        yield from _scalars(hub, EXPORT_SCALARS)
         yield from _deprecated_hub(hub)
         if s.get("request_log") is not None:
             yield from _request_log(s["request_log"])

@@ -65,3 +65,32 @@ def test_to_dict_is_shallow_and_nested_parts_become_dicts():
     plain = to_dict(status)
     assert plain["histograms"] is status.histograms  # not copied
     assert plain["hub"]["mode"] == "otlp" and isinstance(plain["routes"], dict)
+
+
+def test_every_counter_and_gauge_of_the_status_is_on_metrics():
+    """/metrics iterates the status fields (exposition.SCALARS) or names the ones its
+    labelled families read; a new numeric field must be one or the other."""
+    from apitally_proxy.exposition import EXPORT_SCALARS, FAMILY_FIELDS, SCALARS
+    from apitally_proxy.status import LATEST, SUM, SUM_MAP
+
+    def numeric(cls):
+        return {
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.metadata.get("merge") in (SUM, SUM_MAP, LATEST) or f.type in ("bool", "int")
+        }
+
+    parts = {
+        "worker": (WorkerStatus, {f for f, *_ in SCALARS}),
+        "export": (ExportStatus, {f for f, *_ in EXPORT_SCALARS}),
+        "request_log": (RequestLogStatus, set()),
+    }
+    # Shown elsewhere or not a metric: identities, timestamps of pauses, what /status shows.
+    not_metrics = {
+        "worker": {"uptime_s", "worker_slot"},
+        "export": {"stopped", "last_sync"},
+        "request_log": {"suspended_until", "paused_until"},
+    }
+    for part, (cls, plain) in parts.items():
+        missing = numeric(cls) - plain - FAMILY_FIELDS[part] - not_metrics[part]
+        assert not missing, f"{cls.__name__} fields not on /metrics: {sorted(missing)}"
