@@ -70,16 +70,21 @@ def _add(into: list[float], row: list[float]) -> None:
         into[i] += v
 
 
-def _endpoint_rows(slots: list[dict[str, Any]], seconds: float) -> list[dict[str, Any]]:
+def _totals(slots: list[dict[str, Any]], table: str) -> dict[str, list[float]]:
+    """One slot table (`endpoints`, `consumers`) summed over the slots, key by key."""
     totals: dict[str, list[float]] = {}
     for slot in slots:
-        for key, row in slot["endpoints"].items():
+        for key, row in slot[table].items():
             if key in totals:
                 _add(totals[key], row)
             else:
                 totals[key] = list(row)
+    return totals
+
+
+def _endpoint_rows(slots: list[dict[str, Any]], seconds: float) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    for key, row in totals.items():
+    for key, row in _totals(slots, "endpoints").items():
         method, _, route = key.partition(" ")
         n = row[REQUESTS]
         buckets = row[BUCKETS_AT:]
@@ -107,15 +112,8 @@ def _endpoint_rows(slots: list[dict[str, Any]], seconds: float) -> list[dict[str
 def _consumer_rows(
     slots: list[dict[str, Any]], names: dict[str, list[str | None]]
 ) -> list[dict[str, Any]]:
-    totals: dict[str, list[float]] = {}
-    for slot in slots:
-        for key, row in slot["consumers"].items():
-            if key in totals:
-                _add(totals[key], row)
-            else:
-                totals[key] = list(row)
     out: list[dict[str, Any]] = []
-    for identifier, row in totals.items():
+    for identifier, row in _totals(slots, "consumers").items():
         n = row[REQUESTS]
         name, group = (names.get(identifier) or [None, None])[:2]
         out.append(

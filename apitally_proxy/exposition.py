@@ -104,6 +104,14 @@ FAMILY_FIELDS = {
 }
 
 
+def _labelled(name: str, help_text: str, label: str, samples: Any) -> CounterMetricFamily:
+    """A counter family with one label, from (label value, count) pairs."""
+    family = CounterMetricFamily(name, help_text, labels=[label])
+    for value, n in samples:
+        family.add_metric([str(value)], n)
+    return family
+
+
 def _scalars(values: dict[str, Any], scalars: tuple[Scalar, ...]) -> Iterator[Any]:
     for field, name, counter, help_text in scalars:
         value = values.get(field) or 0
@@ -121,30 +129,31 @@ class ProxyCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         s = self._status()
-        by_status = CounterMetricFamily(
-            "apitally_proxy_requests", "Requests proxied, by status", labels=["status"]
+        yield _labelled(
+            "apitally_proxy_requests",
+            "Requests proxied, by status",
+            "status",
+            sorted(s["requests_by_status"].items()),
         )
-        for code, n in sorted(s["requests_by_status"].items()):
-            by_status.add_metric([str(code)], n)
-        yield by_status
-        errors = CounterMetricFamily(
-            "apitally_proxy_upstream_errors", "Upstream failures, by kind", labels=["kind"]
+        yield _labelled(
+            "apitally_proxy_upstream_errors",
+            "Upstream failures, by kind",
+            "kind",
+            sorted(s["upstream_errors"].items()),
         )
-        for kind, n in sorted(s["upstream_errors"].items()):
-            errors.add_metric([kind], n)
-        yield errors
         yield from _scalars(s, SCALARS)
-        overflows = CounterMetricFamily(
+        yield _labelled(
             "apitally_proxy_cap_overflow",
             "Requests or values counted in an overflow bucket because a cap was reached: "
             "validation errors per interval, X-Apitally-Route values per method, "
             "/metrics histogram series",
-            labels=["cap"],
+            "cap",
+            (
+                ("validation_errors", s.get("validation_error_overflow", 0)),
+                ("route_overrides", s.get("route_override_overflow", 0)),
+                ("histogram_series", s.get("histogram_overflow", 0)),
+            ),
         )
-        overflows.add_metric(["validation_errors"], s.get("validation_error_overflow", 0))
-        overflows.add_metric(["route_overrides"], s.get("route_override_overflow", 0))
-        overflows.add_metric(["histogram_series"], s.get("histogram_overflow", 0))
-        yield overflows
         yield from _histograms(s.get("histograms", {}))
         hub = s["hub"]
         mode = GaugeMetricFamily(
@@ -179,18 +188,16 @@ def _outcomes(hub: dict[str, Any]) -> dict[str, int]:
 
 
 def _export(hub: dict[str, Any]) -> Iterator[Any]:
-    payloads = CounterMetricFamily(
+    counts = _outcomes(hub)
+    yield _labelled(
         "apitally_proxy_export_payloads",
         "Sync payloads (hub) or exports (OTLP) by what became of them: delivered (accepted "
         "by the hub, the OTLP endpoint or the collector), written (local mode's file), "
         "rejected (refused for good, dropped), expired (older than queue_max_age), "
         "spool_full (oldest dropped past spool_max_bytes)",
-        labels=["outcome"],
+        "outcome",
+        ((outcome, counts[outcome]) for outcome in OUTCOMES),
     )
-    counts = _outcomes(hub)
-    for outcome in OUTCOMES:
-        payloads.add_metric([outcome], counts[outcome])
-    yield payloads
     yield GaugeMetricFamily(
         "apitally_proxy_export_queue_payloads",
         "Payloads spooled (or held in memory) waiting for delivery",
@@ -229,16 +236,17 @@ def _deprecated_hub(hub: dict[str, Any]) -> Iterator[Any]:
         "Payloads accepted by the destination (or written, in local mode)",
         value=hub["sent"],
     )
-    dropped = CounterMetricFamily(
+    yield _labelled(
         "apitally_proxy_hub_payloads_dropped",
         'Deprecated: use apitally_proxy_export_payloads_total{outcome=~"rejected|expired|'
         'spool_full"}. Payloads dropped',
-        labels=["reason"],
+        "reason",
+        (
+            ("rejected", hub["dropped_rejected"]),
+            ("expired", hub["dropped_expired"]),
+            ("spool_full", hub["dropped_spool_full"]),
+        ),
     )
-    dropped.add_metric(["rejected"], hub["dropped_rejected"])
-    dropped.add_metric(["expired"], hub["dropped_expired"])
-    dropped.add_metric(["spool_full"], hub["dropped_spool_full"])
-    yield dropped
     yield GaugeMetricFamily(
         "apitally_proxy_hub_ok",
         "Deprecated: use apitally_proxy_export_ok. 1 when the last exchange succeeded",
@@ -248,25 +256,21 @@ def _deprecated_hub(hub: dict[str, Any]) -> Iterator[Any]:
 
 def _request_log(rl: dict[str, Any]) -> Iterator[Any]:
     """Only with request logging on (the families are absent otherwise)."""
-    requests = CounterMetricFamily(
+    yield _labelled(
         "apitally_proxy_request_log_requests",
         "Requests handed to the request log: logged (written to a log file or span), "
         "dropped (buffer full: max_buffered_requests or 16 MB of bodies)",
-        labels=["outcome"],
+        "outcome",
+        (("logged", rl["logged"]), ("dropped", rl["dropped"])),
     )
-    requests.add_metric(["logged"], rl["logged"])
-    requests.add_metric(["dropped"], rl["dropped"])
-    yield requests
-    files = CounterMetricFamily(
+    yield _labelled(
         "apitally_proxy_request_log_files",
         "Request log files done with: delivered (uploaded to the hub), dropped (rejected, "
         "unreadable, discarded on the hub's 402, or past the 50 kept; local mode: the "
         "oldest deleted)",
-        labels=["outcome"],
+        "outcome",
+        (("delivered", rl["files_sent"]), ("dropped", rl["files_dropped"])),
     )
-    files.add_metric(["delivered"], rl["files_sent"])
-    files.add_metric(["dropped"], rl["files_dropped"])
-    yield files
     yield GaugeMetricFamily(
         "apitally_proxy_request_log_buffered_requests",
         "Requests buffered in memory for the request log writer",
