@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import orjson
 
 from apitally_proxy.aio import Background
+from apitally_proxy.fileio import write_atomic
 from apitally_proxy.metering.prometheus import merge as merge_histograms
 from apitally_proxy.metering.recent import merge as merge_recent
 from apitally_proxy.status import merge as merge_status
@@ -51,7 +51,7 @@ class StatusPublisher:
                 {**self._status(), "published_at": time.time()}, option=orjson.OPT_NON_STR_KEYS
             )
             try:
-                await loop.run_in_executor(None, _write, self._path, snapshot)
+                await loop.run_in_executor(None, write_atomic, self._path, snapshot, False)
             except OSError as exc:
                 log.warning("cannot publish worker status to %s: %s", self._path, exc)
             await asyncio.sleep(PUBLISH_EVERY)
@@ -60,12 +60,6 @@ class StatusPublisher:
         await self._background.stop()
         with contextlib.suppress(OSError):
             self._path.unlink()
-
-
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def merged_status(own: dict[str, Any], directory: Path, workers: int) -> dict[str, Any]:

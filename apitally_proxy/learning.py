@@ -24,11 +24,12 @@ short list of parameter positions, saved in the state dir.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from pathlib import Path
 
 import orjson
+
+from apitally_proxy.fileio import write_atomic
 
 log = logging.getLogger("apitally_proxy.routes")
 
@@ -266,6 +267,5 @@ def load_positions(path: Path) -> list[str]:
 def save_positions(path: Path, positions: list[str]) -> None:
     """Save positions, adding to what other workers saved (atomic replace)."""
     merged = sorted(set(load_positions(path)) | set(positions))[:MAX_SAVED]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(orjson.dumps({"version": 1, "positions": merged}, option=orjson.OPT_INDENT_2))
-    os.replace(tmp, path)
+    data = orjson.dumps({"version": 1, "positions": merged}, option=orjson.OPT_INDENT_2)
+    write_atomic(path, data)

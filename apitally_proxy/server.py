@@ -309,7 +309,7 @@ class Worker:
                     dropped_expired=self.sync.dropped_expired,
                     dropped_spool_full=self.sync.dropped_full,
                     unencodable=self.spool.unencodable,
-                    spool_bytes=self.spool.size_bytes(),
+                    spool_bytes=self.sync.spool_bytes,
                     recovered_after_crash=self.sync.recovered,
                     spool_dir=str(self.spool.directory),
                     last_sync=self.sync.last_sync,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 
 import orjson
 
+from apitally_proxy.fileio import write_atomic
 from apitally_proxy.text import dumps_lenient
 
 log = logging.getLogger("apitally_proxy.hub")
@@ -40,22 +40,6 @@ class SpoolEntry:
     created: float  # seconds since the epoch
     message_uuid: str
     size: int
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
 
 
 class Spool:
@@ -89,10 +73,6 @@ class Spool:
         out.sort(key=lambda e: e.path.name)
         return out
 
-    def size_bytes(self) -> int:
-        """Bytes of payloads waiting on disk."""
-        return sum(e.size for e in self.entries())
-
     def put(self, payload: dict[str, Any]) -> SpoolEntry:
         """Make a payload durable; enforce the byte bound by dropping the oldest."""
         data, problems = dumps_lenient(payload)
@@ -106,7 +86,7 @@ class Spool:
             )
         created_ns = time.time_ns()
         path = self.directory / f"{created_ns:020d}-{payload['message_uuid']}.json"
-        _write_atomic(path, data)
+        write_atomic(path, data)
         try:
             self._enforce_bounds()
         except OSError as exc:  # the payload itself is safe on disk; bounds next time
@@ -163,7 +143,7 @@ class Spool:
 
     def write_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Repaired silently here: the payload it becomes counts and reports it.
-        _write_atomic(self.directory / CHECKPOINT, dumps_lenient(checkpoint)[0])
+        write_atomic(self.directory / CHECKPOINT, dumps_lenient(checkpoint)[0])
 
     def clear_checkpoint(self) -> None:
         (self.directory / CHECKPOINT).unlink(missing_ok=True)

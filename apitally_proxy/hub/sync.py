@@ -102,6 +102,7 @@ class HubSync:
         self._deliver_lock = asyncio.Lock()
         self.stopped = False  # the hub said 404: nothing more is sent
         self.queued = 0
+        self.spool_bytes = 0  # counted with `queued`, off the event loop
         self.sent = 0
         self.dropped_rejected = 0
         self.recovered = 0
@@ -145,7 +146,7 @@ class HubSync:
                 "(message %s)",
                 recovered[-1].get("message_uuid"),
             )
-        self.queued = len(await self._io(self.spool.entries))
+        await self._count_waiting()
         self.announce()
         self._background.start(self._run_syncs(), "hub-sync")
         self._background.start(self._run_checkpoints(), "hub-checkpoint")
@@ -284,7 +285,13 @@ class HubSync:
             try:
                 await self._deliver()
             finally:
-                self.queued = len(self._unspooled) + len(await self._io(self.spool.entries))
+                await self._count_waiting()
+
+    async def _count_waiting(self) -> None:
+        """`queued` and `spool_bytes` from one listing of the spool, in a thread."""
+        entries = await self._io(self.spool.entries)
+        self.queued = len(self._unspooled) + len(entries)
+        self.spool_bytes = sum(e.size for e in entries)
 
     async def _deliver(self) -> None:
         if self.stopped:
