@@ -10,10 +10,7 @@ as bench/bench_logging.py measures logging. A few seconds per run.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import itertools
-import shutil
 import sys
 import timeit
 from pathlib import Path
@@ -25,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from apitally_proxy.metering import Meter
 from apitally_proxy.metering.identity import ConsumerIdentity
 from apitally_proxy.proxy import Exchange
-from bench.proxy_cpu import proxy_cpu_per_request
+from bench.proxy_cpu import bench_main, proxy_cpu_per_request
 from tests.support.upstream import Upstream
 
 SALT = b"bench-salt-0123456789abcdef"
@@ -94,20 +91,5 @@ async def macro(seconds: int, conns: int, rounds: int) -> None:
         await upstream.stop()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=int, default=4)
-    ap.add_argument("--connections", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--no-wrk", action="store_true")
-    a = ap.parse_args()
-    micro()
-    if a.no_wrk:
-        return
-    if shutil.which("wrk") is None:
-        sys.exit("wrk is not installed (apt-get install -y wrk); use --no-wrk")
-    asyncio.run(macro(a.seconds, a.connections, a.rounds))
-
-
 if __name__ == "__main__":
-    main()
+    bench_main(micro, macro)

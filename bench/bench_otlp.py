@@ -11,12 +11,9 @@ receiver, and exporting OTLP with request-log spans. A few seconds per run.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import base64
 import gzip
 import random
-import shutil
 import sys
 import time
 import timeit
@@ -29,7 +26,7 @@ from apitally_proxy.metering.histograms import HistogramCounter
 from apitally_proxy.otlp.codec import OtlpCodec, resource_attributes
 from apitally_proxy.otlp.receiver import RecordingReceiver
 from apitally_proxy.proxy import Exchange
-from bench.proxy_cpu import proxy_cpu_per_request
+from bench.proxy_cpu import bench_main, proxy_cpu_per_request
 from tests.support.fake_otlp import otlp_env
 from tests.support.upstream import Upstream
 
@@ -141,21 +138,10 @@ async def macro(seconds: int, conns: int, rounds: int) -> None:
         await upstream.stop()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=int, default=4)
-    ap.add_argument("--connections", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--no-wrk", action="store_true")
-    a = ap.parse_args()
+def micro() -> None:
     micro_record()
     micro_export()
-    if a.no_wrk:
-        return
-    if shutil.which("wrk") is None:
-        sys.exit("wrk is not installed (apt-get install -y wrk); use --no-wrk")
-    asyncio.run(macro(a.seconds, a.connections, a.rounds))
 
 
 if __name__ == "__main__":
-    main()
+    bench_main(micro, macro)

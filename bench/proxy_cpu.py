@@ -7,10 +7,13 @@ time (user+sys, from psutil) by the requests wrk completed. Bounded in time.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import re
+import shutil
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import psutil
@@ -75,3 +78,22 @@ async def proxy_cpu_per_request(
         "cpu_us_per_request": round(cpu / requests * 1e6, 1),
         "rss_mb": round(rss / 1e6, 1),
     }
+
+
+def bench_main(
+    micro: Callable[[], None], macro: Callable[[int, int, int], Awaitable[None]]
+) -> None:
+    """The command line the micro+macro benchmarks share: the in-process measurements,
+    then (unless --no-wrk) the wrk runs through a real proxy."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=int, default=4)
+    ap.add_argument("--connections", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--no-wrk", action="store_true")
+    a = ap.parse_args()
+    micro()
+    if a.no_wrk:
+        return
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed (apt-get install -y wrk); use --no-wrk")
+    asyncio.run(macro(a.seconds, a.connections, a.rounds))
