@@ -10,9 +10,10 @@ from __future__ import annotations
 import time
 
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from apitally_proxy import frameworks
+from apitally_proxy.frameworks import VALIDATION_STATUSES
 from apitally_proxy.hub.request_log import MAX_BODY_SIZE, RequestLog, is_body_content_type
 from apitally_proxy.metering.validation import MAX_ERROR_BODY, readers, wants_error_body
 from apitally_proxy.proxy import BodyCapture, Exchange
@@ -43,22 +44,51 @@ class Captures:
         # consumer_header: the meter reads the request headers (a reference, not a copy).
         self._keep_headers = keep_request_headers
 
+    @property
+    def logging(self) -> bool:
+        """Whether request logging is on (every request head goes past `on_head`)."""
+        return self._log is not None
+
     def on_request(self, request: web.BaseRequest, exchange: Exchange) -> None:
+        """The aiohttp server's entry point (the lean server calls `on_head`)."""
         if self._keep_headers:
             exchange.request_headers = request.headers
+        if self._log is not None:
+            self.on_head(
+                exchange,
+                request.method,
+                request.headers,
+                request.remote,
+                f"{request.scheme}://{request.host}",
+                request.rel_url.raw_path_qs,
+                request.headers.get("Content-Length"),
+            )
+
+    def on_head(
+        self,
+        exchange: Exchange,
+        method: str,
+        headers: CIMultiDictProxy[str],
+        remote: str | None,
+        origin: str,
+        path_qs: str,
+        content_length: str | None,
+    ) -> None:
+        """Whether this request is logged, and its fields and body capture if it is."""
         rl = self._log
-        if rl is None:
-            return
-        headers = request.headers
-        if not rl.wants(request.method, exchange.path, headers.get("User-Agent")):
+        if rl is None or not rl.wants(method, exchange.path, headers.get("User-Agent")):
             return
         exchange.log = True
         exchange.started_at = time.time()
         exchange.request_headers = headers
-        exchange.client_address = request.remote
-        exchange.request_url = f"{request.scheme}://{request.host}{request.rel_url.raw_path_qs}"
+        exchange.client_address = remote
+        exchange.request_url = origin + path_qs
         if rl.config.log_request_body and is_body_content_type(headers.get("Content-Type")):
-            exchange.request_body = BodyCapture(MAX_BODY_SIZE, request.content_length)
+            exchange.request_body = BodyCapture(MAX_BODY_SIZE, _content_length(content_length))
+
+    def may_capture(self, exchange: Exchange, status: int) -> bool:
+        """A cheap first look: False means `response_capture` would return None."""
+        return exchange.log or (self._validation and status in VALIDATION_STATUSES)
 
     def response_capture(
         self, exchange: Exchange, status: int, headers: CIMultiDict[str]

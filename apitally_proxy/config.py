@@ -300,6 +300,13 @@ class Settings(BaseSettings):
     workers: int = _setting(
         1, env="APITALLY_PROXY_WORKERS", flag="--workers", description="worker processes", ge=1
     )
+    server: Literal["lean", "aiohttp"] = _setting(
+        "lean",
+        env="APITALLY_PROXY_SERVER",
+        flag="--server",
+        description="client-facing HTTP server: lean (an asyncio protocol on llhttp) or "
+        "aiohttp (aiohttp's web.Server, the previous one, kept for one release)",
+    )
     config: str | None = _setting(
         None, env="APITALLY_PROXY_CONFIG", flag="--config", description="TOML config file"
     )

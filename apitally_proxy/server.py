@@ -35,6 +35,7 @@ from apitally_proxy.hub.request_log import RequestLog
 from apitally_proxy.hub.spool import Spool
 from apitally_proxy.hub.sync import HubSync
 from apitally_proxy.hub.transport import HubTransport, LocalTransport, Transport
+from apitally_proxy.lean.server import LeanConfig, LeanServer
 from apitally_proxy.learning import load_positions, save_positions
 from apitally_proxy.metering import Meter
 from apitally_proxy.metering.histograms import HistogramCounter
@@ -93,7 +94,7 @@ class Worker:
             declared,
             self._routes_changed,
             refresh=settings.openapi_refresh,
-            upstream_trouble=lambda: sum(self.proxy.upstream_errors.values()),
+            upstream_trouble=lambda: sum(self.upstream_errors().values()),
             typed_litestar=not self.otlp,
         )
         self.meter = Meter(
@@ -119,7 +120,17 @@ class Worker:
         captures = Captures(
             settings.framework, self.request_log, keep_request_headers=self.identity is not None
         )
+        # The aiohttp-based proxy: every request with `server = aiohttp`; with the lean
+        # server (the default), only WebSocket upgrades, which it hands over.
         self.proxy = ReverseProxy(settings, self._record, captures)
+        self.lean: LeanServer | None = None
+        if settings.server == "lean":
+            self.lean = LeanServer(
+                LeanConfig.from_settings(settings),
+                self._record,
+                captures,
+                fallback=self.proxy.handle,
+            )
         log_hooks: list[Callable[[], Awaitable[None]]] = (
             [self.request_log.deliver] if self.request_log is not None else []
         )
@@ -261,11 +272,31 @@ class Worker:
             self.mode
         )
 
+    def upstream_errors(self) -> dict[str, int]:
+        """Failures to reach the upstream, by kind, over both servers."""
+        errors = dict(self.proxy.upstream_errors)
+        if self.lean is not None:
+            for kind, n in self.lean.upstream_errors.items():
+                errors[kind] = errors.get(kind, 0) + n
+        return errors
+
+    def _front_counts(self) -> tuple[int, int, int]:
+        """(in flight, upstream retries, refused) over both servers."""
+        proxy, lean = self.proxy, self.lean
+        if lean is None:
+            return proxy.in_flight, proxy.retries, proxy.refused
+        return (
+            proxy.in_flight + lean.in_flight,
+            proxy.retries + lean.retries,
+            proxy.refused + lean.refused,
+        )
+
     def status(self) -> dict[str, Any]:
         """Live state for the admin endpoints (`status.WorkerStatus` as plain dicts)."""
         s = self.settings
         problem = s.export_problem or self.transport.last_error
         heuristics = self.routes.table is None
+        in_flight, retries, refused = self._front_counts()
         return to_dict(
             WorkerStatus(
                 version=__version__,
@@ -293,10 +324,10 @@ class Worker:
                 histogram_overflow=self.meter.histograms.overflow,
                 histograms=self.meter.histograms.snapshot(),
                 consumer_unconfirmed=self.identity.unconfirmed if self.identity else 0,
-                in_flight=self.proxy.in_flight,
-                upstream_errors=dict(self.proxy.upstream_errors),
-                upstream_retries=self.proxy.retries,
-                refused=self.proxy.refused,
+                in_flight=in_flight,
+                upstream_errors=self.upstream_errors(),
+                upstream_retries=retries,
+                refused=refused,
                 hub=ExportStatus(
                     mode=self.mode,
                     endpoint=self._endpoint(),
@@ -368,6 +399,15 @@ class Worker:
         self, started: contextlib.AsyncExitStack, reuse_port: bool
     ) -> None:
         s = self.settings
+        addr = s.listen_address
+        started.push_async_callback(self.proxy.close)
+        if self.lean is not None:
+            started.push_async_callback(self.lean.close)
+            try:
+                await self.lean.start(addr.host or None, addr.port, reuse_port=reuse_port)
+            except OSError as exc:
+                raise _listen_error(addr, exc) from None
+            return
         server = _ProxyServer(
             self.proxy.handle,
             self.proxy.count_parser_refusal,
@@ -385,19 +425,14 @@ class Worker:
             handle_signals=False,
             shutdown_timeout=s.shutdown_grace,
         )
-        started.push_async_callback(self.proxy.close)
         await runner.setup()
         started.push_async_callback(runner.cleanup)
-        addr = s.listen_address
         try:
             await web.TCPSite(
                 runner, addr.host or None, addr.port, reuse_port=reuse_port, backlog=2048
             ).start()
         except OSError as exc:
-            raise ConfigError(
-                f"cannot listen on {addr} ({exc.strerror or exc}); "
-                "set --listen / APITALLY_PROXY_LISTEN to a free local address"
-            ) from None
+            raise _listen_error(addr, exc) from None
         self._runner = runner
 
     def _start_publisher(self, started: contextlib.AsyncExitStack) -> None:
@@ -466,20 +501,33 @@ class Worker:
         grace = self.settings.shutdown_grace
         deadline = loop.time() + grace - EXIT_MARGIN * min(1.0, grace)
         delivery = min(MAX_FINAL_DELIVERY, grace / 3)
-        if self._runner is not None:
-            # Closes the listener and the idle connections, then waits for handlers.
-            cleanup = asyncio.ensure_future(self._runner.cleanup())
-            if not await wait_or_hurry(cleanup, deadline - delivery - loop.time(), hurry):
-                cut = self.proxy.cut_in_flight()
-                log.warning(
-                    "%d request(s) still running at the end of shutdown_grace (%.0f s): cut by "
-                    "shutdown, counted as 503",
-                    cut,
-                    grace,
-                )
-                await wait_or_hurry(cleanup, (deadline - loop.time()) / 2)
+        drained: asyncio.Future[None] | None = None
+        if self.lean is not None:
+            # Closes the listener and the idle connections, then waits for the rest.
+            drained = asyncio.ensure_future(self.lean.stop_accepting())
+        elif self._runner is not None:
+            drained = asyncio.ensure_future(self._runner.cleanup())
+        if drained is not None and not await wait_or_hurry(
+            drained, deadline - delivery - loop.time(), hurry
+        ):
+            # WebSocket sessions run in the aiohttp proxy's handlers (on lean connections
+            # too): it is told first that this is the drain's cut, not a client leaving.
+            cut = self.proxy.cut_in_flight()
+            if self.lean is not None:
+                cut = self.lean.cut_in_flight()
+            log.warning(
+                "%d request(s) still running at the end of shutdown_grace (%.0f s): cut by "
+                "shutdown, counted as 503",
+                cut,
+                grace,
+            )
+            await wait_or_hurry(drained, (deadline - loop.time()) / 2)
+        if self.lean is not None and drained is not None and not drained.done():
+            drained.cancel()  # only a wait: what is left is aborted by close() below
         await self._background.stop()
         await self.discovery.stop()
+        if self.lean is not None:
+            await self.lean.close()
         await self.proxy.close()
         if self.request_log is not None:
             # Last upload attempt; what does not go out now is sent after the next start.
@@ -524,6 +572,13 @@ class _ProxyServer(web.Server):
 
     def __call__(self) -> RequestHandler:
         return _RefusalCountingHandler(self, loop=self._loop, **self._kwargs)
+
+
+def _listen_error(addr: Any, exc: OSError) -> ConfigError:
+    return ConfigError(
+        f"cannot listen on {addr} ({exc.strerror or exc}); "
+        "set --listen / APITALLY_PROXY_LISTEN to a free local address"
+    )
 
 
 def _warn_if_exposed(host: str, has_token: bool) -> None:

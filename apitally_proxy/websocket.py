@@ -15,7 +15,7 @@ from typing import Protocol
 
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from apitally_proxy.config import Upstream
@@ -41,13 +41,17 @@ class Observed(Protocol):
     response_size: int
 
 
-def is_websocket_upgrade(request: web.BaseRequest) -> bool:
-    headers = request.headers
+def wants_websocket(method: str, headers: CIMultiDictProxy[str]) -> bool:
+    """Whether a request head asks for a WebSocket (anything else is forwarded as is)."""
     return (
-        request.method == "GET"
+        method == "GET"
         and headers.get("Upgrade", "").lower() == "websocket"
         and "upgrade" in headers.get("Connection", "").lower()
     )
+
+
+def is_websocket_upgrade(request: web.BaseRequest) -> bool:
+    return wants_websocket(request.method, request.headers)
 
 
 class UpgradeRefused(Exception):

@@ -9,10 +9,19 @@ import pytest
 
 from tests.support.fake_hub import FakeHub
 from tests.support.fake_otlp import FakeOtlp
-from tests.support.proxy_process import ProxyProcess
+from tests.support.proxy_process import SERVER_UNDER_TEST, ProxyProcess
 from tests.support.upstream import Upstream
 
 CLIENT_ID = str(uuid.UUID(int=0x1234))
+
+
+@pytest.fixture(params=["lean", "aiohttp"])
+def both_servers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test once per client-facing server (`server = lean | aiohttp`): the
+    hostile-input and proxying suites must pass on both. Use with
+    `pytestmark = pytest.mark.usefixtures("both_servers")`."""
+    monkeypatch.setenv(SERVER_UNDER_TEST, request.param)
+    return str(request.param)
 
 
 @pytest.fixture

@@ -12,6 +12,9 @@ import pytest
 
 from tests.support.upstream import Upstream
 
+# Every case runs on both client-facing servers (lean, the default, and aiohttp).
+pytestmark = pytest.mark.usefixtures("both_servers")
+
 
 async def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)

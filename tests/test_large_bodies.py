@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+# On both client-facing servers (lean, the default, and aiohttp).
+pytestmark = pytest.mark.usefixtures("both_servers")
+
 GIB = 1024**3
 BLOCK = b"z" * (256 * 1024)
 

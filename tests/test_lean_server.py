@@ -695,7 +695,7 @@ REFUSED = {
     "malformed request line": (b"GARBAGE\r\n\r\n", 400),
     "CONNECT": (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", 405),
     "asterisk-form": (b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n", 400),
-    "WebSocket upgrade (not relayed by the prototype)": (
+    "WebSocket upgrade without a relay (fallback) configured": (
         b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
         501,

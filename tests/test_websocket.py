@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import aiohttp
+import pytest
+
+# On both client-facing servers (lean, the default, and aiohttp).
+pytestmark = pytest.mark.usefixtures("both_servers")
 
 
 async def test_websocket_messages_are_relayed_both_ways(upstream, http, start_proxy, hub, hub_args):

@@ -18,9 +18,12 @@ their StreamReader is full, pipelined heads pause it past `max_pipelined`.
 Timeouts are one sweep a second over all connections (idle keep-alive and
 unfinished heads, i.e. slowloris; clients that stop reading).
 
-A prototype: WebSocket and other upgrades are answered 501, request/response
-body captures (validation errors, request log) are not wired. See
-docs/lean-server.md.
+WebSocket upgrades are the one exception: the upgrade request becomes a
+`web.BaseRequest` over this connection and goes to the aiohttp-based relay
+(`ReverseProxy.handle`, `websocket.py`), which terminates the WebSocket on both
+sides with its limits and close codes. Body captures (validation errors, the
+request log) go through the same `Captures` policy as on the aiohttp server.
+See docs/lean-server.md.
 """
 
 from __future__ import annotations
@@ -31,15 +34,18 @@ import ipaddress
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
+from aiohttp import web
 from aiohttp._http_parser import HttpRequestParser
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from multidict import CIMultiDict
 
 from apitally_proxy.config import Settings, Upstream
 from apitally_proxy.lean.headers import (
@@ -56,10 +62,16 @@ from apitally_proxy.lean.headers import (
 from apitally_proxy.lean.upstream import LeanResponse, LeanUpstream
 from apitally_proxy.proxy import Exchange
 from apitally_proxy.upstream import ClientBodyError, InvalidResponse
+from apitally_proxy.websocket import wants_websocket
+
+if TYPE_CHECKING:
+    from apitally_proxy.capture import Captures
 
 log = logging.getLogger("apitally_proxy.lean")
 
 Recorder = Callable[[Exchange], None]
+# Where a WebSocket upgrade goes: ReverseProxy.handle, on a web.BaseRequest.
+Fallback = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 SUPPORTED_VERSIONS = frozenset({(1, 0), (1, 1)})
@@ -70,6 +82,7 @@ CLOSE = b"Connection: close\r\n"
 KEEP_ALIVE = b"Connection: keep-alive\r\n"
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
+LINGER = 2.0  # seconds an unread request body is read and dropped before the close
 SMALL_WRITE = 16 * 1024  # below this, head and first chunk are joined; above, writelines
 REASONS = {
     400: "Bad Request",
@@ -182,9 +195,19 @@ class _ClientGone(ConnectionError):
 class LeanServer:
     """Listens, owns the connections and the upstream pool; counts what it refused."""
 
-    def __init__(self, config: LeanConfig, recorder: Recorder) -> None:
+    def __init__(
+        self,
+        config: LeanConfig,
+        recorder: Recorder,
+        capture: Captures | None = None,
+        fallback: Fallback | None = None,
+    ) -> None:
         self.config = config
         self.recorder = recorder
+        self.capture = capture
+        # Request logging on: every request head goes past the capture policy.
+        self.logging = capture is not None and capture.logging
+        self.fallback = fallback
         up = config.upstream
         self.base_path = up.base_path.encode("ascii")
         self.pool = LeanUpstream(
@@ -214,10 +237,15 @@ class LeanServer:
 
     # Listening.
 
+    @property
+    def retries(self) -> int:
+        """Requests re-sent after a stale pooled connection."""
+        return self.pool.retries
+
     async def start(
-        self, host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False
+        self, host: str | None = "127.0.0.1", port: int = 0, *, reuse_port: bool = False
     ) -> int:
-        """Listen on host:port; returns the port (useful with port 0)."""
+        """Listen on host:port (host None: every interface); returns the port."""
         loop = asyncio.get_running_loop()
         self._listener = await loop.create_server(
             lambda: _Connection(self, loop),
@@ -263,9 +291,10 @@ class LeanServer:
 
     # Drain and shutdown.
 
-    async def drain(self, timeout: float) -> int:
-        """Stop listening, let in-flight requests finish for up to `timeout` seconds,
-        then cut what is left (metered as 503). Returns how many requests were cut."""
+    async def stop_accepting(self) -> None:
+        """Stop listening and close idle connections, then wait (unbounded: the caller
+        sets the deadline) until every connection has closed. Requests in flight
+        finish, and their connections close after them (`Connection: close`)."""
         self.draining = True
         if self._listener is not None:
             self._listener.close()
@@ -274,13 +303,19 @@ class LeanServer:
             conn.close_if_idle()
         if not self.connections:
             self._all_closed.set()
+        await self._all_closed.wait()
+
+    async def drain(self, timeout: float) -> int:
+        """`stop_accepting` for up to `timeout` seconds, then cut what is left (metered
+        as 503) and close. Returns how many requests were cut."""
+        drained = asyncio.ensure_future(self.stop_accepting())
         cut = 0
         try:
-            await asyncio.wait_for(self._all_closed.wait(), max(0.0, timeout))
+            await asyncio.wait_for(asyncio.shield(drained), max(0.0, timeout))
         except TimeoutError:
             cut = self.cut_in_flight()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._all_closed.wait(), 1.0)
+                await asyncio.wait_for(drained, 1.0)
         await self.close()
         return cut
 
@@ -313,13 +348,21 @@ class _Connection(BaseProtocol):
     __slots__ = (
         "_closing",
         "_idle_since",
+        "_lingering",
         "_pipeline_paused",
         "_queue",
         "_stalled_since",
         "_task",
+        "_upgrade_head",
+        "_ws_parser",
+        "_ws_tail",
         "peer",
+        "peername",
         "server",
+        "sockname",
     )
+    # What web.BaseRequest reads from its protocol (a WebSocket upgrade; see _upgrade).
+    ssl_context = None
 
     def __init__(self, server: LeanServer, loop: asyncio.AbstractEventLoop) -> None:
         cfg = server.config
@@ -341,8 +384,15 @@ class _Connection(BaseProtocol):
         self._task: asyncio.Task[None] | None = None
         self._closing = False  # nothing more is read or parsed
         self._pipeline_paused = False
+        self._lingering = False  # answered before its body was read: see _linger
         self._idle_since = loop.time()
         self._stalled_since = 0.0  # when the client stopped reading our writes
+        # After a WebSocket upgrade head: the bytes that follow it, then the frame reader.
+        self._ws_tail = b""
+        self._ws_parser: Any = None
+        self._upgrade_head: Any = None  # the request whose head the parser switched after
+        self.peername: Any = None
+        self.sockname: Any = None
 
     # asyncio.Protocol.
 
@@ -351,7 +401,8 @@ class _Connection(BaseProtocol):
         tr = self.transport
         assert tr is not None
         tr.set_write_buffer_limits(high=self.server.config.write_buffer_high)
-        peername = tr.get_extra_info("peername")
+        peername = self.peername = tr.get_extra_info("peername")
+        self.sockname = tr.get_extra_info("sockname")
         self.peer = peername[0] if isinstance(peername, tuple) else ""
         self.server.connections.add(self)
         if self.server.draining:
@@ -361,6 +412,8 @@ class _Connection(BaseProtocol):
         super().connection_lost(exc)
         self._closing = True
         self.server.forget(self)
+        if self._ws_parser is not None:
+            self._ws_parser.feed_eof()
         gone = ConnectionResetError("client connection lost")
         for item in self._queue:
             if not isinstance(item, int) and item[1] is not EMPTY_PAYLOAD:
@@ -371,11 +424,19 @@ class _Connection(BaseProtocol):
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
+        if self._upgraded:
+            self._upgraded_data(data)
+            return
         try:
-            messages, _upgraded, _tail = self._parser.feed_data(data)
+            messages, upgraded, tail = self._parser.feed_data(data)
         except Exception as exc:
             self._refuse_stream(parser_refusal(exc), exc)
             return
+        if upgraded:
+            # A WebSocket upgrade: whatever follows its head is not HTTP any more.
+            self._upgraded = True
+            self._upgrade_head = messages[-1][0] if messages else None
+            self._upgraded_data(tail)
         if not messages:
             return
         queue = self._queue
@@ -385,6 +446,31 @@ class _Connection(BaseProtocol):
             self._pause_reading_for_buffer()
         if self._task is None:
             self._task = self._loop.create_task(self._run())
+
+    def _upgraded_data(self, data: bytes) -> None:
+        ws = self._ws_parser
+        if ws is not None:
+            # After a protocol error (a message over max_websocket_message…) the reader
+            # takes nothing more; the relay sends the close frame and ends the session.
+            ws.feed_data(data)
+            return
+        # Frames sent before the upstream accepted: held (bounded) until it did.
+        self._ws_tail += data
+        if len(self._ws_tail) > self.server.config.read_limit and not self._buffer_paused:
+            self._pause_reading_for_buffer()
+
+    # What WebSocketResponse needs of a server protocol (aiohttp's RequestHandler API).
+
+    def set_parser(self, parser: Any, data_received_cb: Callable[[], None] | None = None) -> None:
+        self._ws_parser = parser
+        tail, self._ws_tail = self._ws_tail, b""
+        if tail:
+            self._upgraded_data(tail)
+        if self._buffer_paused:
+            self._resume_reading_for_buffer()
+
+    def keep_alive(self, val: bool) -> None:
+        """An upgraded connection never carries another request anyway."""
 
     def eof_received(self) -> bool:
         # A client that closes its side has left, as nginx and aiohttp see it: the
@@ -478,15 +564,31 @@ class _Connection(BaseProtocol):
                 if self._pipeline_paused and len(queue) < self.server.config.max_pipelined // 2:
                     self._pipeline_paused = False
                     self._resume_reading_for_buffer()
-                if not keep or self.server.draining:
+                if not keep or self.server.draining or (self._upgraded and not queue):
                     self._closing = True
-                    self.close()
+                    if self._lingering:
+                        self._linger()
+                    else:
+                        self.close()
                     return
         finally:
             self._task = None
             self._idle_since = self._loop.time()
-            if self._closing and self.transport is not None:
+            if self._closing and not self._lingering and self.transport is not None:
                 self.close()
+
+    def _linger(self) -> None:
+        """Close after answering a request whose body was not read to its end (an early
+        413…). Closing a socket with unread bytes makes the kernel reset it, which can
+        destroy the answer before the client read it; so the rest is read and dropped
+        (`_closing`), for up to LINGER seconds or until the client closes, as aiohttp's
+        and nginx's lingering close do."""
+        if self.transport is None:
+            return
+        if self._reading_paused or self._buffer_paused:
+            self._reading_paused = self._buffer_paused = False
+            self._resume_transport_reading()
+        self._loop.call_later(LINGER, self.close)
 
     def _write(self, data: bytes) -> None:
         tr = self.transport
@@ -505,9 +607,6 @@ class _Connection(BaseProtocol):
         method = msg.method
         if method == "CONNECT":
             return 405, "CONNECT is not supported by this proxy\n", True
-        if msg.upgrade:
-            # The prototype does not relay WebSocket (or any) upgrades yet.
-            return 501, "protocol upgrades are not supported by this server\n", True
         path = msg.path
         if not path.startswith("/") and not msg.url.raw_authority:
             return 400, "request target must start with /\n", True
@@ -548,21 +647,23 @@ class _Connection(BaseProtocol):
             keep = keep and not close and (not has_body or payload.is_eof())
             self._write(own_response(status, text, close=not keep, version=(1, 1)))
             return keep
+        if msg is self._upgrade_head:
+            # The head the parser switched protocols after: nothing follows it as HTTP.
+            if wants_websocket(msg.method, msg.headers):
+                if server.fallback is None:
+                    server.refused += 1
+                    self._write(own_response(501, "WebSocket is not relayed here\n", close=True))
+                else:
+                    await self._upgrade(msg, payload)
+                return False
+            keep = False  # forwarded as a plain request; the bytes after it are not HTTP
+        if server.logging:
+            self._log_head(msg, path, exchange)
         server.in_flight += 1
         try:
             keep = await self._forward(msg, payload, has_body, absolute, exchange, started, keep)
         except asyncio.CancelledError:
-            self._closing = True  # cut or left: this connection carries nothing more
-            if server.cutting:
-                server.cut_by_shutdown += 1
-                if not exchange.got_headers:
-                    exchange.status = STATUS_CUT_BY_SHUTDOWN
-                    with contextlib.suppress(Exception):
-                        self._write(
-                            own_response(503, "cut by shutdown\n", close=True, version=(1, 1))
-                        )
-            else:
-                exchange.status = STATUS_CLIENT_CLOSED
+            self._cancelled(exchange)
             raise
         except ConnectionError:  # _ClientGone, or a write that failed on a closed socket
             exchange.status = STATUS_CLIENT_CLOSED
@@ -576,8 +677,23 @@ class _Connection(BaseProtocol):
             except Exception:  # metering must never break proxying
                 log.exception("recording a request failed")
         if has_body and not payload.is_eof():
-            keep = False  # answered before the whole body came: the rest cannot be parsed
+            # Answered before the whole body came: the rest cannot be parsed.
+            keep = False
+            self._lingering = True
         return keep
+
+    def _cancelled(self, exchange: Exchange) -> None:
+        """The request's task was cancelled: cut by the drain (503), or the client left."""
+        self._closing = True  # either way, this connection carries nothing more
+        server = self.server
+        if not server.cutting:
+            exchange.status = STATUS_CLIENT_CLOSED
+            return
+        server.cut_by_shutdown += 1
+        if not exchange.got_headers:
+            exchange.status = STATUS_CUT_BY_SHUTDOWN
+            with contextlib.suppress(Exception):
+                self._write(own_response(503, "cut by shutdown\n", close=True, version=(1, 1)))
 
     async def _forward(
         self,
@@ -632,10 +748,46 @@ class _Connection(BaseProtocol):
             return self._failed(exc, exchange, keep, msg.version)
         exchange.response_time = time.perf_counter() - started
         exchange.got_headers = True
+        if has_body and not payload.is_eof():
+            keep = False  # answered early (a 413…): the client is told the connection ends
         try:
             return await self._relay(msg, upstream, exchange, keep)
         finally:
             upstream.release()
+
+    def _log_head(self, msg: Any, path_qs: str, exchange: Exchange) -> None:
+        """The request log's side of the capture policy (request logging is on)."""
+        headers = msg.headers
+        host = headers.get("Host") or self.server.pool.default_host
+        if not path_qs.startswith("/"):  # absolute-form: its authority is the host
+            host = msg.url.raw_authority or host
+        capture = self.server.capture
+        assert capture is not None
+        capture.on_head(
+            exchange,
+            msg.method,
+            headers,
+            self.peer or None,
+            f"http://{host}",
+            path_qs,
+            headers.get("Content-Length"),
+        )
+
+    async def _upgrade(self, msg: Any, payload: StreamReader) -> None:
+        """A WebSocket upgrade, relayed by ReverseProxy.handle (websocket.py) on a
+        web.BaseRequest over this connection; it records the Exchange itself."""
+        server = self.server
+        assert server.fallback is not None
+        loop = self._loop
+        task = asyncio.current_task()
+        assert task is not None
+        request = web.BaseRequest(
+            msg, payload, cast(Any, self), StreamWriter(self, loop), task, loop
+        )
+        response = await server.fallback(request)
+        if not response.prepared:  # the upstream refused the upgrade, or was unreachable
+            await response.prepare(request)
+            await response.write_eof()
 
     def _interim(self, status: int, reason: str, raw: RawHeaders) -> None:
         self._write(interim_head(status, reason, raw))
@@ -644,6 +796,7 @@ class _Connection(BaseProtocol):
         self, payload: StreamReader, exchange: Exchange, msg: Any
     ) -> AsyncIterator[bytes]:
         exchange.request_size = 0
+        capture = exchange.request_body
         if msg.version >= (1, 1):
             expect = msg.headers.get("Expect")
             if expect is not None and expect.lower() == "100-continue":
@@ -655,6 +808,8 @@ class _Connection(BaseProtocol):
             if not chunk:
                 return
             exchange.request_size += len(chunk)
+            if capture is not None:
+                capture.feed(chunk)
             yield chunk
 
     def _failed(
@@ -700,6 +855,14 @@ class _Connection(BaseProtocol):
         exchange.status = status
         fields = response_fields(upstream.raw_headers)
         exchange.apitally_headers = fields.apitally
+        capture = self.server.capture
+        if capture is not None and capture.may_capture(exchange, status):
+            lines = fields.lines
+            headers: CIMultiDict[str] = CIMultiDict(
+                (lines[i].decode("latin-1"), lines[i + 2].decode("utf-8", "surrogateescape"))
+                for i in range(0, len(lines), 4)
+            )
+            exchange.response_body = capture.response_capture(exchange, status, headers)
         version: tuple[int, int] = msg.version
         bodiless = msg.method == "HEAD" or status in NO_BODY_STATUSES or status < 200
         chunked_out = False
@@ -736,6 +899,9 @@ class _Connection(BaseProtocol):
         try:
             first = content.read_nowait(-1)
             exchange.response_size = len(first)
+            capture = exchange.response_body
+            if capture is not None:
+                capture.feed(first)
             if chunked_out and first:
                 first = b"%x\r\n%b\r\n" % (len(first), first)
             done = content.at_eof()
@@ -769,6 +935,7 @@ class _Connection(BaseProtocol):
         if self._paused:
             await self._drain_helper()
         size = exchange.response_size
+        capture = exchange.response_body
         while True:
             chunk = await content.readany()
             if not chunk:
@@ -776,6 +943,8 @@ class _Connection(BaseProtocol):
             n = len(chunk)
             size += n
             exchange.response_size = size
+            if capture is not None:
+                capture.feed(chunk)
             tr = self.transport
             if tr is None or tr.is_closing():
                 raise _ClientGone()

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import aiohttp
 
+SERVER_UNDER_TEST = "APITALLY_PROXY_TEST_SERVER"
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -39,6 +41,10 @@ class ProxyProcess:
             *args,
         ]
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("APITALLY_",))}
+        # The client-facing server under test (the `both_servers` fixture sets it).
+        server = os.environ.get(SERVER_UNDER_TEST)
+        if server:
+            self.env["APITALLY_PROXY_SERVER"] = server
         self.env.update(env or {})
         self.log_path = state_dir / "proxy.log"
         self.proc: asyncio.subprocess.Process | None = None
