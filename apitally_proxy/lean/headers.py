@@ -78,7 +78,17 @@ class _NamesMore(Exception):
 
 def _names_more(value: bytes) -> bool:
     """Whether a Connection value names fields that are not hop-by-hop anyway."""
-    return bool(_tokens(value) - HOP_BY_HOP - NEVER_HOP_BY_HOP)
+    known = _NAMES_MORE.get(value)
+    if known is None:
+        known = bool(_tokens(value) - HOP_BY_HOP - NEVER_HOP_BY_HOP)
+    return known
+
+
+# The Connection values nearly every message carries, answered without a split.
+_NAMES_MORE = {
+    value: False
+    for value in (b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade")
+}
 
 
 def is_hop_by_hop(lname: bytes, extra: frozenset[bytes] = frozenset()) -> bool:
