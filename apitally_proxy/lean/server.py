@@ -658,7 +658,7 @@ class _Connection(BaseProtocol):
                 return False
             keep = False  # forwarded as a plain request; the bytes after it are not HTTP
         if server.logging:
-            self._log_head(msg, path, exchange)
+            self._log_head(msg, path, absolute, exchange)
         server.in_flight += 1
         try:
             keep = await self._forward(msg, payload, has_body, absolute, exchange, started, keep)
@@ -755,11 +755,11 @@ class _Connection(BaseProtocol):
         finally:
             upstream.release()
 
-    def _log_head(self, msg: Any, path_qs: str, exchange: Exchange) -> None:
+    def _log_head(self, msg: Any, path_qs: str, absolute: bool, exchange: Exchange) -> None:
         """The request log's side of the capture policy (request logging is on)."""
         headers = msg.headers
         host = headers.get("Host") or self.server.pool.default_host
-        if not path_qs.startswith("/"):  # absolute-form: its authority is the host
+        if absolute:  # absolute-form: the target's authority is the host
             host = msg.url.raw_authority or host
         capture = self.server.capture
         assert capture is not None
