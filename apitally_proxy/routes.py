@@ -444,7 +444,9 @@ class RouteResolver:
         self._cache_size = cache_size
         self._cache: dict[str, str] = {}  # raw path -> shaped template
         self._mapped: dict[str, str] = {}  # shaped -> learned template (reset on learning)
-        self._taught: set[str] = set()
+        # Hashes of the shaped paths taught so far (a hash, not the string: under hostile
+        # traffic this fills to MAX_TAUGHT; a collision only skips teaching one path).
+        self._taught: set[int] = set()
         self._templates: dict[str, set[str]] = {}
         # The app sees base_path + path (the upstream URL's prefix), and its routes say so.
         self._base_path = base_path
@@ -490,8 +492,8 @@ class RouteResolver:
             known = self.learner.apply(shaped, loose=True)
             if known in self._templates.get(method, ()):
                 return known
-        if learn and shaped not in self._taught and len(self._taught) < MAX_TAUGHT:
-            self._taught.add(shaped)
+        if learn and len(self._taught) < MAX_TAUGHT and (key := hash(shaped)) not in self._taught:
+            self._taught.add(key)
             if self.learner.teach(shaped):
                 self._learned()
         template = self._mapped.get(shaped)
