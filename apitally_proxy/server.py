@@ -382,10 +382,11 @@ class Worker:
             else f"local mode ({self.transport.path})"  # type: ignore[attr-defined]
         )
         log.info(
-            "worker %d proxying %s -> %s, instance %s, %s",
+            "worker %d proxying %s -> %s (%s server), instance %s, %s",
             self.lease.slot,
             s.listen_address,
             s.upstream_target,
+            s.server,
             self.lease.uuid,
             mode,
         )

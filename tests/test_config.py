@@ -314,3 +314,16 @@ def test_config_is_a_leaf():
     }
     ours = {m for m in imported if m.startswith("apitally_proxy")}
     assert ours <= {"apitally_proxy"}, ours  # `from apitally_proxy import frameworks` only
+
+
+@pytest.mark.parametrize("value", ["lean", "aiohttp"])
+def test_server_setting_takes_lean_or_aiohttp(monkeypatch, value):
+    monkeypatch.setenv("APITALLY_PROXY_SERVER", value)
+    assert load_settings({"upstream": "http://a:1"}).server == value
+
+
+def test_server_setting_defaults_to_lean_and_refuses_anything_else(monkeypatch):
+    assert load_settings({"upstream": "http://a:1"}).server == "lean"
+    monkeypatch.setenv("APITALLY_PROXY_SERVER", "nginx")
+    with pytest.raises(ConfigError, match="server"):
+        load_settings({"upstream": "http://a:1"})
