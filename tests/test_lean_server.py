@@ -17,7 +17,7 @@ from aiohttp import web
 from apitally_proxy.config import parse_upstream
 from apitally_proxy.lean import headers as h
 from apitally_proxy.lean.server import LeanConfig, LeanServer, parser_refusal
-from apitally_proxy.proxy import Exchange
+from apitally_proxy.proxy import BodyCapture, Exchange
 from tests.support.upstream import Upstream
 
 # --------------------------------------------------------------------------- the policy
@@ -916,3 +916,60 @@ async def test_drain_deadline_cuts_what_is_left_as_503(lean):
     assert status_of(data) == 503
     (record,) = await proxy.recorded(1)
     assert record.status == 503 and proxy.server.cut_by_shutdown == 1
+
+
+# --------------------------------------------------------------------------- captures
+
+
+class _RecordingCapture:
+    """The capture policy's interface (capture.Captures), recording what it was given."""
+
+    logging = True
+
+    def __init__(self) -> None:
+        self.heads: list[tuple[str, str, str, str | None, str | None]] = []
+        self.responses: list[tuple[int, list[tuple[str, str]]]] = []
+
+    def on_head(self, exchange, method, headers, remote, origin, path_qs, content_length):  # type: ignore[no-untyped-def]
+        self.heads.append((method, origin, path_qs, remote, content_length))
+
+    def may_capture(self, exchange: Exchange, status: int) -> bool:
+        return status == 422
+
+    def response_capture(self, exchange, status, headers):  # type: ignore[no-untyped-def]
+        self.responses.append((status, list(headers.items())))
+        return BodyCapture(1024)
+
+
+async def test_captures_see_each_request_head_and_copy_wanted_response_bodies(upstream):
+    capture = _RecordingCapture()
+    records: list[Exchange] = []
+    config = LeanConfig(upstream=parse_upstream(upstream.url))
+    server = LeanServer(config, records.append, capture)  # type: ignore[arg-type]
+    port = await server.start("127.0.0.1", 0)
+    try:
+        close = b"Connection: close\r\n\r\n"
+        await exchange(port, b"GET /items/1?x=2 HTTP/1.1\r\nHost: api.example\r\n" + close)
+        # Absolute-form: the target's authority is the host the request log names.
+        await exchange(port, b"GET http://10.0.0.1:8080/items/2 HTTP/1.1\r\nHost: evil\r\n" + close)
+        await exchange(
+            port,
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n" + close[:-2] + b"\r\nhello",
+        )
+        data = await exchange(port, b"GET /status/422 HTTP/1.1\r\nHost: x\r\n" + close)
+    finally:
+        await server.close()
+    assert status_of(data) == 422
+    assert capture.heads == [
+        ("GET", "http://api.example", "/items/1?x=2", "127.0.0.1", None),
+        ("GET", "http://10.0.0.1:8080", "/items/2", "127.0.0.1", None),
+        ("POST", "http://x", "/echo", "127.0.0.1", "5"),
+        ("GET", "http://x", "/status/422", "127.0.0.1", None),
+    ]
+    # Only the 422 asked for a copy: its headers as the client got them, its body whole.
+    [(status, headers)] = capture.responses
+    names = {name.lower() for name, _ in headers}
+    assert status == 422 and "content-type" in names and "connection" not in names
+    copied = records[-1].response_body
+    assert copied is not None and bytes(copied.data) == b"status 422"
+    assert all(r.response_body is None for r in records[:-1])

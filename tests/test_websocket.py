@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
+
 import aiohttp
 import pytest
 
@@ -136,3 +139,27 @@ async def test_upstream_vanishing_is_not_passed_on_as_a_normal_close(upstream, h
         msg = await ws.receive()
         assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
         assert ws.close_code == aiohttp.WSCloseCode.INTERNAL_ERROR
+
+
+async def test_an_open_websocket_session_does_not_hold_up_the_drain(
+    upstream, http, start_proxy, tmp_path
+):
+    """A session still open at SIGTERM is cut at the drain's deadline: the proxy is out
+    within shutdown_grace, and the client sees its WebSocket end."""
+    cfg = tmp_path / "p.toml"
+    cfg.write_text("shutdown_grace = 2\n")
+    proxy = await start_proxy(upstream.url, "--config", str(cfg))
+    async with http.ws_connect(proxy.url + "/ws") as ws:
+        assert (await ws.receive_str()).startswith("hello")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert await proxy.stop(signal.SIGTERM) == 0
+        took = loop.time() - started
+        assert took < 2.0, f"the drain took {took:.1f} s with shutdown_grace = 2"
+        msg = await asyncio.wait_for(ws.receive(), 5)
+        assert msg.type in (
+            aiohttp.WSMsgType.CLOSE,
+            aiohttp.WSMsgType.CLOSED,
+            aiohttp.WSMsgType.ERROR,
+        )
+    assert "cut by shutdown" in proxy.log()
