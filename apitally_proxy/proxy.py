@@ -21,6 +21,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from apitally_proxy.config import Settings, Upstream
+from apitally_proxy.lean.headers import HOP_BY_HOP_NAMES, connection_names, is_hop_by_hop_name
 from apitally_proxy.upstream import (
     ClientBodyError,
     InvalidResponse,
@@ -32,20 +33,9 @@ from apitally_proxy.websocket import WebSocketRelay, is_websocket_upgrade
 
 log = logging.getLogger("apitally_proxy.proxy")
 
-# Headers that describe one connection, not the message: never forwarded (RFC 9110 §7.6.1).
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",  # non-standard, still sent by old clients
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",  # WebSocket upgrades are relayed by websocket.py, not forwarded
-    }
-)
+# Headers that describe one connection, not the message: never forwarded. The one rule
+# both servers share (lean/headers.py); WebSocket upgrades are relayed by websocket.py.
+HOP_BY_HOP = HOP_BY_HOP_NAMES
 # The proxy answers `Expect: 100-continue` itself and re-frames the body, so these
 # are recomputed rather than copied.
 REQUEST_RECOMPUTED = frozenset({"expect", "content-length"})
@@ -191,21 +181,14 @@ class CapturePolicy(Protocol):
         """A capture for this response's body, or None to copy nothing."""
 
 
-# Fields a Connection header cannot make hop-by-hop: they describe the message itself
-# (`Connection: Host` must not cost a request its Host, nor re-frame it).
-NEVER_HOP_BY_HOP = frozenset({"host", "content-length", "content-type", "transfer-encoding"})
-
-
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
-    """Header names listed in Connection: also hop-by-hop for this message."""
-    tokens: set[str] = set()
-    for value in headers.getall("Connection", ()):
-        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
-    return tokens - NEVER_HOP_BY_HOP
+    """Header names listed in Connection: also hop-by-hop for this message (never Host,
+    Content-Length, Content-Type or Transfer-Encoding: they describe the message)."""
+    return connection_names(headers.getall("Connection", ()))
 
 
 def _is_hop_by_hop(name: str, extra: set[str]) -> bool:
-    return name in HOP_BY_HOP or (bool(extra) and name in extra) or name.startswith("proxy-")
+    return is_hop_by_hop_name(name, extra)
 
 
 class ReverseProxy:

@@ -19,11 +19,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from apitally_proxy.config import Upstream
+from apitally_proxy.lean.headers import connection_names, is_hop_by_hop_name
 
-# Not passed back with a refused upgrade: connection-specific, or recomputed by aiohttp.
-PASS_BACK_DROPPED = frozenset(
-    {"connection", "keep-alive", "transfer-encoding", "upgrade", "content-length", "te", "trailer"}
-)
 # Generated afresh for the upstream handshake by aiohttp; never copied from the client.
 HANDSHAKE_HEADERS = (
     "Sec-WebSocket-Key",
@@ -52,6 +49,20 @@ def wants_websocket(method: str, headers: CIMultiDictProxy[str]) -> bool:
 
 def is_websocket_upgrade(request: web.BaseRequest) -> bool:
     return wants_websocket(request.method, request.headers)
+
+
+def pass_back_fields(headers: CIMultiDict[str]) -> list[tuple[str, str]]:
+    """A refused upgrade's header fields as the client gets them: the one hop-by-hop
+    rule (with the fields Connection names), X-Apitally-* and Content-Length (aiohttp
+    sets it for the body) taken out."""
+    named = connection_names(headers.getall("Connection", ()))
+    return [
+        (name, value)
+        for name, value in headers.items()
+        if not is_hop_by_hop_name(lname := name.lower(), named)
+        and lname != "content-length"
+        and not lname.startswith("x-apitally-")
+    ]
 
 
 class UpgradeRefused(Exception):
@@ -152,10 +163,7 @@ class WebSocketRelay:
             exchange.got_headers = True
             exchange.response_time = time.perf_counter() - started
             response = web.Response(status=refused.status, reason=refused.reason, body=refused.body)
-            for name, value in refused.headers.items():
-                lname = name.lower()
-                if lname not in PASS_BACK_DROPPED and not lname.startswith("x-apitally-"):
-                    response.headers.add(name, value)
+            response.headers.extend(pass_back_fields(refused.headers))
             return response
         exchange.response_time = time.perf_counter() - started
         exchange.got_headers = True

@@ -13,11 +13,13 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 
 from apitally_proxy.config import parse_upstream
 from apitally_proxy.lean import headers as h
 from apitally_proxy.lean.server import LeanConfig, LeanServer, parser_refusal
-from apitally_proxy.proxy import BodyCapture, Exchange
+from apitally_proxy.proxy import BodyCapture, Exchange, _is_hop_by_hop
+from apitally_proxy.websocket import pass_back_fields
 from tests.support.upstream import Upstream
 
 # --------------------------------------------------------------------------- the policy
@@ -973,3 +975,65 @@ async def test_captures_see_each_request_head_and_copy_wanted_response_bodies(up
     copied = records[-1].response_body
     assert copied is not None and bytes(copied.data) == b"status 422"
     assert all(r.response_body is None for r in records[:-1])
+
+
+# --------------------------------------------------------------------------- one hop-by-hop rule
+
+HOP_FIELDS = [*(name.title() for name in sorted(h.HOP_BY_HOP_NAMES)), "Proxy-Anything"]
+
+
+@pytest.mark.parametrize("field", HOP_FIELDS)
+def test_one_hop_by_hop_rule_for_requests_responses_interim_answers_and_pass_back(field):
+    """Every path that copies header fields drops the same ones: the lean server's request
+    head, response fields and interim answers, the aiohttp server's rule, and a refused
+    WebSocket upgrade's pass-back."""
+    name = field.encode()
+    raw = ((b"Host", b"x"), (name, b"v"), (b"X-Kept", b"1"))
+    head = h.request_head("GET", b"/", raw, peer="127.0.0.1")
+    assert b"\r\n" + name + b":" not in head and b"X-Kept: 1" in head
+    lines = h.response_fields(raw).lines
+    assert name not in lines and b"X-Kept" in lines
+    interim = h.interim_head(103, "Early Hints", raw)
+    assert b"\r\n" + name + b":" not in interim and b"X-Kept: 1" in interim
+    assert _is_hop_by_hop(field.lower(), set())
+    kept = pass_back_fields(CIMultiDict([(field, "v"), ("X-Kept", "1")]))
+    assert kept == [("X-Kept", "1")]
+
+
+def test_fields_named_by_connection_are_dropped_by_every_path_but_never_the_framing():
+    raw = (
+        (b"Host", b"x"),
+        (b"Connection", b"X-Named, Content-Length"),
+        (b"X-Named", b"v"),
+        (b"Content-Length", b"0"),
+    )
+    head = h.request_head("POST", b"/", raw, peer="127.0.0.1")
+    assert b"X-Named" not in head and b"Content-Length: 0" in head
+    lines = h.response_fields(raw).lines
+    assert b"X-Named" not in lines and b"Content-Length" in lines
+    passed = pass_back_fields(
+        CIMultiDict([("Connection", "X-Named"), ("X-Named", "v"), ("WWW-Authenticate", "Basic")])
+    )
+    assert passed == [("WWW-Authenticate", "Basic")]
+
+
+async def test_the_upstream_transport_is_passed_in(upstream):
+    """The pool is a seam (as Transport is for Go's ReverseProxy): the server uses the one
+    it is given, whatever its config says."""
+    from apitally_proxy.lean.upstream import LeanUpstream
+
+    pool = LeanUpstream(
+        parse_upstream(upstream.url), connect_timeout=5.0, read_timeout=5.0, keepalive=1.0
+    )
+    records: list[Exchange] = []
+    unreachable = LeanConfig(upstream=parse_upstream("http://127.0.0.1:9"))
+    server = LeanServer(unreachable, records.append, pool=pool)
+    port = await server.start("127.0.0.1", 0)
+    try:
+        data = await exchange(
+            port, b"GET /items/7 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+    finally:
+        await server.close()
+    assert status_of(data) == 200
+    assert [r.status for r in records] == [200]

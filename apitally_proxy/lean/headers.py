@@ -26,27 +26,32 @@ lines cannot inject one.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Sequence
 from email.utils import formatdate
 
 RawHeaders = Sequence[tuple[bytes, bytes]]
 
-# Fields that describe one connection, not the message.
-HOP_BY_HOP = frozenset(
+# Fields that describe one connection, not the message (RFC 9110 §7.6.1), and every
+# Proxy-* field: the one hop-by-hop rule, for requests, responses, interim answers and
+# a refused WebSocket upgrade's pass-back, on both servers (`is_hop_by_hop_name` is
+# the str form proxy.py and websocket.py use; the fields Connection names join it).
+HOP_BY_HOP_NAMES = frozenset(
     {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
     }
 )
+HOP_BY_HOP = frozenset(name.encode("ascii") for name in HOP_BY_HOP_NAMES)
 # Fields a Connection header cannot make hop-by-hop.
-NEVER_HOP_BY_HOP = frozenset({b"host", b"content-length", b"content-type", b"transfer-encoding"})
+NEVER_HOP_BY_HOP_NAMES = frozenset({"host", "content-length", "content-type", "transfer-encoding"})
+NEVER_HOP_BY_HOP = frozenset(name.encode("ascii") for name in NEVER_HOP_BY_HOP_NAMES)
 # Set by the proxy on every request, from the peer (or a trusted hop's values).
 FORWARDED_REWRITTEN = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
 # Other ways a client claims an address, scheme or prefix: kept only from trusted hops.
@@ -89,6 +94,19 @@ _NAMES_MORE = {
     value: False
     for value in (b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade")
 }
+
+
+def is_hop_by_hop_name(lname: str, extra: Collection[str] = ()) -> bool:
+    """`is_hop_by_hop` for a lower-cased str name (aiohttp's multidicts)."""
+    return lname in HOP_BY_HOP_NAMES or lname.startswith("proxy-") or lname in extra
+
+
+def connection_names(values: Iterable[str]) -> set[str]:
+    """Lower-cased field names that Connection values list (str form of
+    `connection_tokens`): hop-by-hop for this message too."""
+    names = {t.strip().lower() for value in values for t in value.split(",")}
+    names.discard("")
+    return names - NEVER_HOP_BY_HOP_NAMES
 
 
 def is_hop_by_hop(lname: bytes, extra: frozenset[bytes] = frozenset()) -> bool:

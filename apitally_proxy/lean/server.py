@@ -201,7 +201,10 @@ class LeanServer:
         recorder: Recorder,
         capture: Captures | None = None,
         fallback: Fallback | None = None,
+        pool: LeanUpstream | None = None,
     ) -> None:
+        """`pool` is the upstream transport (the keep-alive pool); by default one is built
+        from `config`. The server closes it with itself."""
         self.config = config
         self.recorder = recorder
         self.capture = capture
@@ -210,16 +213,20 @@ class LeanServer:
         self.fallback = fallback
         up = config.upstream
         self.base_path = up.base_path.encode("ascii")
-        self.pool = LeanUpstream(
-            up,
-            connect_timeout=config.upstream_connect_timeout,
-            read_timeout=config.upstream_timeout,
-            keepalive=config.upstream_keepalive,
-            limit=config.upstream_pool_size,
-            body_timeout=config.client_body_timeout,
-            max_field_size=config.max_response_field_size,
-            max_headers=config.max_response_headers,
-            max_interim=config.max_interim_responses,
+        self.pool = (
+            pool
+            if pool is not None
+            else LeanUpstream(
+                up,
+                connect_timeout=config.upstream_connect_timeout,
+                read_timeout=config.upstream_timeout,
+                keepalive=config.upstream_keepalive,
+                limit=config.upstream_pool_size,
+                body_timeout=config.client_body_timeout,
+                max_field_size=config.max_response_field_size,
+                max_headers=config.max_response_headers,
+                max_interim=config.max_interim_responses,
+            )
         )
         self.default_host = self.pool.default_host.encode("ascii")
         self._header_sum_threshold = config.max_header_bytes // (2 * config.max_field_size)
