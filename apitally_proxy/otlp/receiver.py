@@ -71,7 +71,8 @@ class RecordingReceiver:
     async def start(self, port: int = 0) -> RecordingReceiver:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
+        # Stopping never waits for handlers a scripted `delay` keeps sleeping.
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port)
         await site.start()

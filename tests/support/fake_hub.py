@@ -47,7 +47,9 @@ class FakeHub:
     async def start(self) -> FakeHub:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
+        # A scripted delay leaves handlers sleeping after the proxy is gone: stopping
+        # does not wait for them (aiohttp's default would be 60 s per test).
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
