@@ -12,12 +12,18 @@ from pathlib import Path
 import aiohttp
 
 SERVER_UNDER_TEST = "APITALLY_PROXY_TEST_SERVER"
+# One /health probe while waiting for start-up (a hung probe must not outlast the wait).
+PROBE_TIMEOUT = aiohttp.ClientTimeout(total=2)
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class _PortTaken(Exception):
+    """The proxy could not bind a port free_port() had found free a moment before."""
 
 
 class ProxyProcess:
@@ -50,7 +56,32 @@ class ProxyProcess:
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self, timeout: float = 15.0) -> ProxyProcess:
+        """Start the proxy and wait until /health answers 200. A port taken between
+        `free_port()` and the proxy's bind (by another test's outgoing connection, say)
+        is a race of the harness, not a result: new ports, up to three tries."""
+        for _ in range(2):
+            try:
+                return await self._start_once(timeout)
+            except _PortTaken:
+                self._repick_ports()
+        return await self._start_once(timeout)
+
+    def _repick_ports(self) -> None:
+        for flag in ("--listen", "--admin-listen"):
+            i = self.args.index(flag) + 1
+            host = self.args[i].rsplit(":", 1)[0]
+            port = free_port()
+            self.args[i] = f"{host}:{port}"
+            if flag == "--listen":
+                self.port = port
+            else:
+                self.admin_port = port
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
+
+    async def _start_once(self, timeout: float) -> ProxyProcess:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        logged_before = len(self.log())
         with open(self.log_path, "ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -66,12 +97,15 @@ class ProxyProcess:
         async with aiohttp.ClientSession() as s:
             while True:
                 if self.proc.returncode is not None:
+                    said = self.log()[logged_before:]
+                    if self.proc.returncode == 2 and "address already in use" in said:
+                        raise _PortTaken(said)
                     raise RuntimeError(f"proxy exited with {self.proc.returncode}:\n{self.log()}")
                 try:
-                    async with s.get(self.admin_url + "/health") as r:
+                    async with s.get(self.admin_url + "/health", timeout=PROBE_TIMEOUT) as r:
                         if r.status == 200:
                             return self
-                except aiohttp.ClientError:
+                except (aiohttp.ClientError, TimeoutError):
                     pass
                 if loop.time() > deadline:
                     raise RuntimeError(f"proxy did not become healthy:\n{self.log()}")
