@@ -13,7 +13,7 @@ import asyncio
 import ipaddress
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Protocol
 
 import aiohttp
@@ -21,21 +21,15 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from apitally_proxy.config import Settings, Upstream
-from apitally_proxy.lean.headers import HOP_BY_HOP_NAMES, connection_names, is_hop_by_hop_name
-from apitally_proxy.upstream import (
-    ClientBodyError,
-    InvalidResponse,
-    UpstreamPool,
-    UpstreamResponse,
-    buffer_head,
-)
+
+# Hop-by-hop headers: the one rule both servers share (WebSocket upgrades are relayed by
+# websocket.py, not forwarded).
+from apitally_proxy.lean.headers import connection_names, is_hop_by_hop_name
+from apitally_proxy.upstream import UpstreamPool, UpstreamResponse, buffer_head, error_status
 from apitally_proxy.websocket import WebSocketRelay, is_websocket_upgrade
 
 log = logging.getLogger("apitally_proxy.proxy")
 
-# Headers that describe one connection, not the message: never forwarded. The one rule
-# both servers share (lean/headers.py); WebSocket upgrades are relayed by websocket.py.
-HOP_BY_HOP = HOP_BY_HOP_NAMES
 # The proxy answers `Expect: 100-continue` itself and re-frames the body, so these
 # are recomputed rather than copied.
 REQUEST_RECOMPUTED = frozenset({"expect", "content-length"})
@@ -187,8 +181,30 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
     return connection_names(headers.getall("Connection", ()))
 
 
-def _is_hop_by_hop(name: str, extra: set[str]) -> bool:
-    return is_hop_by_hop_name(name, extra)
+class TrustedPeers:
+    """Whether a peer address is in `trusted_proxies` (its X-Forwarded-* are kept); the
+    answer per address is cached, in a bounded dict."""
+
+    __slots__ = ("_cache", "_networks")
+
+    def __init__(self, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:
+        self._networks = tuple(networks)
+        self._cache: dict[str, bool] = {}
+
+    def __call__(self, peer: str | None) -> bool:
+        if not self._networks or not peer:
+            return False
+        known = self._cache.get(peer)
+        if known is None:
+            try:
+                addr = ipaddress.ip_address(peer)
+                known = any(addr in net for net in self._networks)
+            except ValueError:
+                known = False
+            if len(self._cache) > 4096:
+                self._cache.clear()
+            self._cache[peer] = known
+        return known
 
 
 class ReverseProxy:
@@ -201,8 +217,7 @@ class ReverseProxy:
         self._base_path = self._upstream.base_path
         self._recorder = recorder
         self._capture = capture
-        self._trusted = settings.trusted_networks
-        self._trust_cache: dict[str, bool] = {}
+        self._trusted = TrustedPeers(settings.trusted_networks)
         self._max_header_bytes = settings.max_header_bytes
         # Below this many fields the parser's per-field limit already bounds the total.
         self._header_sum_threshold = settings.max_header_bytes // (2 * settings.max_field_size)
@@ -253,34 +268,19 @@ class ReverseProxy:
         await self._pool.close()
         await self._websockets.close()
 
-    def _peer_trusted(self, peer: str | None) -> bool:
-        if not self._trusted or not peer:
-            return False
-        trusted = self._trust_cache.get(peer)
-        if trusted is None:
-            try:
-                addr = ipaddress.ip_address(peer)
-                trusted = any(addr in net for net in self._trusted)
-            except ValueError:
-                trusted = False
-            if len(self._trust_cache) > 4096:
-                self._trust_cache.clear()
-            self._trust_cache[peer] = trusted
-        return trusted
-
     def _upstream_headers(self, request: web.BaseRequest) -> tuple[CIMultiDict[str], bool]:
         """The request headers as the upstream should see them, and whether a value
         carries bytes that are not UTF-8 (obs-text, forwarded byte for byte)."""
         incoming = request.headers
         extra = _connection_tokens(incoming) if "Connection" in incoming else set()
         peer = request.remote or ""
-        trusted = self._peer_trusted(peer)
+        trusted = self._trusted(peer)
         headers: CIMultiDict[str] = CIMultiDict()
         obs_text = False
         for name, value in incoming.items():
             lname = name.lower()
             if (
-                _is_hop_by_hop(lname, extra)
+                is_hop_by_hop_name(lname, extra)
                 or lname in REQUEST_RECOMPUTED
                 # A client must never pose as a consumer or a route.
                 or lname.startswith(APITALLY_PREFIX)
@@ -446,7 +446,7 @@ class ReverseProxy:
                 lines += [
                     f"{name}: {value}\r\n"
                     for name, value in headers.items()
-                    if not _is_hop_by_hop(name.lower(), set())
+                    if not is_hop_by_hop_name(name.lower())
                     and not name.lower().startswith(APITALLY_PREFIX)
                 ]
                 await writer.write(("".join(lines) + "\r\n").encode("utf-8", "surrogateescape"))
@@ -495,7 +495,7 @@ class ReverseProxy:
                     exchange.apitally_headers = {}
                 exchange.apitally_headers[lname] = value
                 continue
-            if _is_hop_by_hop(lname, extra):
+            if is_hop_by_hop_name(lname, extra):
                 continue
             if not value.isascii():
                 response.obs_text = True
@@ -540,22 +540,14 @@ class ReverseProxy:
 
     def _error_response(self, exchange: Exchange, exc: Exception) -> web.Response:
         """Map a failure to reach the upstream to 502/504, as nginx would."""
-        if isinstance(exc, ClientBodyError):
+        status, kind, reason = error_status(exc)
+        if kind == "client_body":
             # The client's own body broke or stalled: its fault, not the upstream's.
-            exchange.status = exc.status
-            log.info("%s %s -> %d: %s", exchange.method, exchange.path, exc.status, exc)
-            return _Own(status=exc.status, text=f"{exc.status} {exc}\n")
-        if isinstance(exc, TimeoutError):
-            status, kind, reason = 504, "timeout", "the upstream did not answer in time"
-        elif isinstance(exc, aiohttp.ClientConnectorError):
-            status, kind, reason = 502, "connect", "the upstream refused the connection"
-        elif isinstance(exc, (InvalidResponse, aiohttp.ClientResponseError)):
-            status, kind, reason = 502, "protocol", "the upstream sent an invalid response"
-        elif isinstance(exc, (aiohttp.ClientConnectionError, OSError)):
-            status, kind, reason = 502, "reset", "the upstream closed the connection"
-        else:
+            exchange.status = status
+            log.info("%s %s -> %d: %s", exchange.method, exchange.path, status, reason)
+            return _Own(status=status, text=f"{status} {reason}\n")
+        if kind == "internal":
             log.exception("unexpected error forwarding %s %s", exchange.method, exchange.path)
-            status, kind, reason = 502, "internal", "the proxy failed to forward the request"
         self._count_error(kind)
         exchange.status = status
         exchange.upstream_error = kind

@@ -22,7 +22,14 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from aiohttp import ClientConnectorError, ClientError, ClientOSError, ServerDisconnectedError
+from aiohttp import (
+    ClientConnectionError,
+    ClientConnectorError,
+    ClientError,
+    ClientOSError,
+    ClientResponseError,
+    ServerDisconnectedError,
+)
 from aiohttp.client_exceptions import ConnectionTimeoutError
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.client_reqrep import ConnectionKey
@@ -428,3 +435,20 @@ def _consume_result(task: asyncio.Task[None]) -> None:
 
 
 __all__ = ["ClientBodyError", "InvalidResponse", "UpstreamPool", "UpstreamResponse"]
+
+
+def error_status(exc: BaseException) -> tuple[int, str, str]:
+    """(status, kind, reason) for a failure to forward a request, as nginx would answer
+    it: the client's own body (its status), 504 for a timeout, 502 for the rest. Both
+    client-facing servers answer and count by it."""
+    if isinstance(exc, ClientBodyError):
+        return exc.status, "client_body", str(exc)
+    if isinstance(exc, TimeoutError):
+        return 504, "timeout", "the upstream did not answer in time"
+    if isinstance(exc, ClientConnectorError):
+        return 502, "connect", "the upstream refused the connection"
+    if isinstance(exc, (InvalidResponse, ClientResponseError)):
+        return 502, "protocol", "the upstream sent an invalid response"
+    if isinstance(exc, (ClientConnectionError, OSError)):
+        return 502, "reset", "the upstream closed the connection"
+    return 502, "internal", "the proxy failed to forward the request"

@@ -60,8 +60,15 @@ from apitally_proxy.lean.headers import (
     status_line,
 )
 from apitally_proxy.lean.upstream import LeanResponse, LeanUpstream
-from apitally_proxy.proxy import Exchange
-from apitally_proxy.upstream import ClientBodyError, InvalidResponse
+from apitally_proxy.proxy import (
+    IDEMPOTENT_METHODS,
+    STATUS_CLIENT_CLOSED,
+    STATUS_CUT_BY_SHUTDOWN,
+    SUPPORTED_VERSIONS,
+    Exchange,
+    TrustedPeers,
+)
+from apitally_proxy.upstream import ClientBodyError, error_status
 from apitally_proxy.websocket import wants_websocket
 
 if TYPE_CHECKING:
@@ -73,10 +80,6 @@ Recorder = Callable[[Exchange], None]
 # Where a WebSocket upgrade goes: ReverseProxy.handle, on a web.BaseRequest.
 Fallback = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-SUPPORTED_VERSIONS = frozenset({(1, 0), (1, 1)})
-STATUS_CLIENT_CLOSED = 499
-STATUS_CUT_BY_SHUTDOWN = 503
 NO_BODY_STATUSES = frozenset({204, 304})
 CLOSE = b"Connection: close\r\n"
 KEEP_ALIVE = b"Connection: keep-alive\r\n"
@@ -163,21 +166,6 @@ def own_response(
     )
 
 
-def error_status(exc: BaseException) -> tuple[int, str, str]:
-    """(status, kind, reason) for a failure to reach the upstream, as ReverseProxy maps it."""
-    if isinstance(exc, ClientBodyError):
-        return exc.status, "client_body", str(exc)
-    if isinstance(exc, TimeoutError):
-        return 504, "timeout", "the upstream did not answer in time"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return 502, "connect", "the upstream refused the connection"
-    if isinstance(exc, (InvalidResponse, aiohttp.ClientResponseError)):
-        return 502, "protocol", "the upstream sent an invalid response"
-    if isinstance(exc, (aiohttp.ClientConnectionError, OSError)):
-        return 502, "reset", "the upstream closed the connection"
-    return 502, "internal", "the proxy failed to forward the request"
-
-
 def parser_refusal(exc: BaseException) -> int:
     """The status for a head the parser refused: 414/431 for oversize lines, else 400."""
     if isinstance(exc, LineTooLong):
@@ -230,7 +218,7 @@ class LeanServer:
         )
         self.default_host = self.pool.default_host.encode("ascii")
         self._header_sum_threshold = config.max_header_bytes // (2 * config.max_field_size)
-        self._trust_cache: dict[str, bool] = {}
+        self.trusted = TrustedPeers(config.trusted_networks)  # X-Forwarded-* kept from these
         self.connections: set[_Connection] = set()
         self.in_flight = 0
         self.refused = 0  # answered by the proxy itself, never forwarded, not metered
@@ -271,22 +259,6 @@ class LeanServer:
         for conn in list(self.connections):
             conn.check_timeouts(now)
         self._sweeper = loop.call_later(1.0, self._sweep)
-
-    def trusted(self, peer: str) -> bool:
-        networks = self.config.trusted_networks
-        if not networks or not peer:
-            return False
-        known = self._trust_cache.get(peer)
-        if known is None:
-            try:
-                addr = ipaddress.ip_address(peer)
-                known = any(addr in net for net in networks)
-            except ValueError:
-                known = False
-            if len(self._trust_cache) > 4096:
-                self._trust_cache.clear()
-            self._trust_cache[peer] = known
-        return known
 
     def count_error(self, kind: str) -> None:
         self.upstream_errors[kind] = self.upstream_errors.get(kind, 0) + 1
@@ -602,10 +574,6 @@ class _Connection(BaseProtocol):
         if tr is None or tr.is_closing():
             raise _ClientGone()
         tr.write(data)
-
-    async def _drain(self) -> None:
-        if self._paused:
-            await self._drain_helper()
 
     def _refusal(self, msg: Any) -> tuple[int, str, bool] | None:
         """(status, text, close) for requests the proxy answers itself, else None."""
@@ -965,4 +933,4 @@ class _Connection(BaseProtocol):
             self._write(LAST_CHUNK)
 
 
-__all__ = ["LeanConfig", "LeanServer", "error_status", "own_response", "parser_refusal"]
+__all__ = ["LeanConfig", "LeanServer", "own_response", "parser_refusal"]
