@@ -83,6 +83,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import bench_lean  # noqa: E402  (its upstream's files)
 import run as bench  # noqa: E402  (bench/run.py: processes, nginx configs, wrk)
 
 HOST = bench.HOST
@@ -703,10 +704,7 @@ def upstream_conf(workdir: Path, port: int) -> str:
     """bench_lean's upstream (/small 100 B, /large 64 KB files), plus /echo (any method,
     a small answer) and /gzip (the 64 KB file gzipped on the fly: a chunked response),
     and the X-Forwarded-For it saw echoed back in X-Seen-XFF (for `check`)."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    for name, size in (("small.json", 100), ("large.json", 65536)):
-        filler = "x" * (size - len('{"data":""}\n'))
-        (workdir / name).write_text('{"data":"' + filler + '"}\n')
+    bench_lean.write_bodies(workdir)
     return (
         bench._nginx_common(workdir)
         + "http {\n"
@@ -731,21 +729,11 @@ def upstream_conf(workdir: Path, port: int) -> str:
 def start_floor(
     ps: bench.ProcessSet, variant: str, workdir: Path, port: int, up_port: int, cpus: Any
 ) -> subprocess.Popen[Any]:
-    workdir.mkdir(parents=True, exist_ok=True)
-    log_path = workdir / f"{variant}.log"
-    log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
-    cmd = [
-        sys.executable, str(Path(__file__).resolve()), "serve", "--variant", variant,
+    argv = [
+        str(Path(__file__).resolve()), "serve", "--variant", variant,
         "--upstream", f"http://{HOST}:{up_port}", "--listen", f"{HOST}:{port}",
     ]  # fmt: skip
-    p = ps.start(
-        variant, cmd, cpus=cpus, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-    )
-    try:
-        bench.wait_port(port, p)
-    except RuntimeError as exc:
-        raise RuntimeError(f"{variant}: {exc}\n{bench.tail(log_path)}") from None
-    return p
+    return bench.start_serving(ps, variant, argv, workdir, port, cpus)
 
 
 def start_targets(
@@ -1270,7 +1258,7 @@ def parameters(args: argparse.Namespace, targets: list[str]) -> dict[str, Any]:
         "uvloop": uvloop.__version__,
         "aiohttp": aiohttp.__version__,
         "httptools": httptools_version,
-        "git": _git_rev(),
+        "git": bench.git_rev(),
         "git_dirty": _git_dirty(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -1310,17 +1298,6 @@ def summarize(raw: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]
             row[target] = entry
         summary[size] = row
     return summary
-
-
-def _git_rev() -> str:
-    with contextlib.suppress(Exception):
-        return subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    return "?"
 
 
 def _git_dirty() -> list[str]:

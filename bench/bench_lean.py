@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -49,11 +48,16 @@ SIZES = {100: "/small", 65536: "/large"}
 DEFAULT_OUTPUT = ROOT / "bench" / "results" / "lean.json"
 
 
-def upstream_conf(workdir: Path, port: int) -> str:
+def write_bodies(workdir: Path) -> None:
+    """The upstream's two files: small.json (100 B) and large.json (64 KB)."""
     workdir.mkdir(parents=True, exist_ok=True)
     for name, size in (("small.json", 100), ("large.json", 65536)):
         filler = "x" * (size - len('{"data":""}\n'))
         (workdir / name).write_text('{"data":"' + filler + '"}\n')
+
+
+def upstream_conf(workdir: Path, port: int) -> str:
+    write_bodies(workdir)
     return (
         bench._nginx_common(workdir)
         + "http {\n"
@@ -72,29 +76,10 @@ def upstream_conf(workdir: Path, port: int) -> str:
 def start_lean(
     ps: bench.ProcessSet, workdir: Path, port: int, upstream_port: int, cpus: list[int] | None
 ) -> subprocess.Popen[Any]:
-    workdir.mkdir(parents=True, exist_ok=True)
-    log = open(workdir / "lean.log", "wb")  # noqa: SIM115 - closed with the process
-    p = ps.start(
-        "lean",
-        [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "serve",
-            "--upstream",
-            f"http://{HOST}:{upstream_port}",
-            "--listen",
-            f"{HOST}:{port}",
-        ],
-        cpus=cpus,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
+    argv = [str(Path(__file__).resolve()), "serve", "--upstream", f"http://{HOST}:{upstream_port}"]
+    return bench.start_serving(
+        ps, "lean", [*argv, "--listen", f"{HOST}:{port}"], workdir, port, cpus
     )
-    try:
-        bench.wait_port(port, p)
-    except RuntimeError as exc:
-        raise RuntimeError(f"lean: {exc}\n{bench.tail(workdir / 'lean.log')}") from None
-    return p
 
 
 def measure(
@@ -224,23 +209,12 @@ def summarize(
             "rounds": args.rounds,
             "connections": args.connections,
             "pinning": f"proxies on {proxy_cpus}, wrk+upstream on {client_cpus}",
-            "git": _git_rev(),
+            "git": bench.git_rev(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         },
         "summary": summary,
         "raw": raw,
     }
-
-
-def _git_rev() -> str:
-    with contextlib.suppress(Exception):
-        return subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    return "?"
 
 
 def print_report(result: dict[str, Any]) -> None:

@@ -303,6 +303,46 @@ def get_json(url: str, timeout: float = 3.0) -> dict[str, Any]:
     return {}
 
 
+def start_serving(
+    ps: ProcessSet,
+    name: str,
+    argv: list[str],
+    workdir: Path,
+    port: int,
+    cpus: list[int] | None,
+) -> subprocess.Popen[Any]:
+    """A benchmark's own server process (`argv` after the interpreter), its output in
+    `workdir/<name>.log`; returns once it listens on `port`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / f"{name}.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
+    p = ps.start(
+        name,
+        [sys.executable, *argv],
+        cpus=cpus,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port, p)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{name}: {exc}\n{tail(log_path)}") from None
+    return p
+
+
+def git_rev() -> str:
+    """The short commit of the tree measured, or "?" outside a git checkout."""
+    with contextlib.suppress(Exception):
+        return subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    return "?"
+
+
 def tail(path: Path, n: int = 20) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
