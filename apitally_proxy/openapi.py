@@ -23,7 +23,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-import yaml
 
 from apitally_proxy import frameworks
 from apitally_proxy.aio import Background
@@ -74,19 +73,30 @@ class RouteSet:
     warnings: list[str] = field(default_factory=list)
 
 
-class _BoundedYamlLoader(yaml.SafeLoader):
-    """SafeLoader that refuses documents with too many aliases (billion-laughs)."""
+def _load_yaml(raw: bytes) -> Any:
+    """Parse YAML with a SafeLoader that refuses too many aliases (billion-laughs).
 
-    def __init__(self, stream: Any) -> None:
-        super().__init__(stream)
-        self._aliases = 0
+    PyYAML is imported here, not at module level: most upstreams serve JSON (or
+    nothing), and a worker that never parses YAML need not carry it.
+    """
+    import yaml
 
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            self._aliases += 1
-            if self._aliases > MAX_YAML_ALIASES:
-                raise DocumentError(f"YAML document uses more than {MAX_YAML_ALIASES} aliases")
-        return super().compose_node(parent, index)
+    class BoundedYamlLoader(yaml.SafeLoader):
+        def __init__(self, stream: Any) -> None:
+            super().__init__(stream)
+            self._aliases = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                self._aliases += 1
+                if self._aliases > MAX_YAML_ALIASES:
+                    raise DocumentError(f"YAML document uses more than {MAX_YAML_ALIASES} aliases")
+            return super().compose_node(parent, index)
+
+    try:
+        return yaml.load(raw, Loader=BoundedYamlLoader)  # a SafeLoader subclass
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise DocumentError(f"neither JSON nor YAML: {str(exc).splitlines()[0]}") from None
 
 
 def load_document(raw: bytes) -> tuple[dict[str, Any], str | None]:
@@ -105,10 +115,7 @@ def load_document(raw: bytes) -> tuple[dict[str, Any], str | None]:
     else:
         if len(raw) > MAX_YAML_BYTES:
             raise DocumentError(f"YAML document is {len(raw)} bytes, over {MAX_YAML_BYTES}")
-        try:
-            doc = yaml.load(raw, Loader=_BoundedYamlLoader)  # a SafeLoader subclass
-        except (yaml.YAMLError, RecursionError) as exc:
-            raise DocumentError(f"neither JSON nor YAML: {str(exc).splitlines()[0]}") from None
+        doc = _load_yaml(raw)
         _check_expansion(doc)
     if not isinstance(doc, dict):
         raise DocumentError("not an OpenAPI document (top level is not an object)")

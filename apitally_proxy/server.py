@@ -13,7 +13,7 @@ import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -47,12 +47,14 @@ from apitally_proxy.metering.identity import (
     read_consumer_map,
 )
 from apitally_proxy.openapi import RouteDiscovery, RouteSet
-from apitally_proxy.otlp.codec import OtlpCodec, resource_attributes, startup_body
-from apitally_proxy.otlp.spans import SpanBuilder, SpanExports
-from apitally_proxy.otlp.transport import OtlpTransport
 from apitally_proxy.proxy import Exchange, ReverseProxy
 from apitally_proxy.routes import MatchRules, RouteResolver, RouteTable, declared_routes
 from apitally_proxy.status import ExportStatus, RoutesStatus, WorkerStatus, to_dict
+
+if TYPE_CHECKING:
+    # Imported where used, in OTLP mode only: they pull in opentelemetry-proto and
+    # protobuf (a few MB of RSS per worker) that hub and local mode never touch.
+    from apitally_proxy.otlp.codec import OtlpCodec
 
 log = logging.getLogger("apitally_proxy")
 
@@ -105,11 +107,13 @@ class Worker:
             # OpenTelemetry export wants exponential histograms; the hub wants its bins.
             requests=HistogramCounter(settings.max_consumers) if self.otlp else None,
         )
-        self.codec: OtlpCodec | HubCodec = (
-            OtlpCodec(resource_attributes(self.lease.uuid, settings.env, __version__))
-            if self.otlp
-            else HubCodec(self.lease.uuid)
-        )
+        self.codec: OtlpCodec | HubCodec
+        if self.otlp:
+            from apitally_proxy.otlp.codec import OtlpCodec, resource_attributes
+
+            self.codec = OtlpCodec(resource_attributes(self.lease.uuid, settings.env, __version__))
+        else:
+            self.codec = HubCodec(self.lease.uuid)
         self.transport = self._make_transport()
         self.spool = Spool(
             self.lease.path.with_name(f"slot-{self.lease.slot}.spool"),
@@ -168,6 +172,8 @@ class Worker:
             assert s.client_id is not None
             return HubTransport(s.hub_url, s.client_id, s.env, timeout=s.hub_timeout)
         if self.mode == "otlp":
+            from apitally_proxy.otlp.transport import OtlpTransport
+
             assert s.write_token is not None
             return OtlpTransport(
                 s.otlp_endpoint,
@@ -176,6 +182,8 @@ class Worker:
                 timeout=s.hub_timeout,
             )
         if self.mode == "collector":
+            from apitally_proxy.otlp.transport import OtlpTransport
+
             assert s.collector_endpoint is not None
             return OtlpTransport(
                 s.collector_endpoint,
@@ -192,7 +200,9 @@ class Worker:
         name = f"worker-{self.lease.slot}"
         # The consumer header carries a credential: masked whatever its name.
         masks = [f"^{re.escape(s.consumer_header)}$"] if s.consumer_header else []
-        if isinstance(self.codec, OtlpCodec):
+        if not isinstance(self.codec, HubCodec):
+            from apitally_proxy.otlp.spans import SpanBuilder, SpanExports
+
             spans = SpanExports(
                 SpanBuilder(s.request_log, masks), self.codec.resource, self.spool.put
             )
@@ -224,7 +234,9 @@ class Worker:
 
     def _startup_payload(self, instance_uuid: str) -> dict[str, Any]:
         s = self.settings
-        if isinstance(self.codec, OtlpCodec):
+        if not isinstance(self.codec, HubCodec):
+            from apitally_proxy.otlp.codec import startup_body
+
             known = frameworks.get(self.routes.framework)
             known = known or frameworks.from_setting(s.framework).framework
             framework = known.otlp_name if known is not None else None
