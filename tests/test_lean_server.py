@@ -13,11 +13,13 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.streams import EMPTY_PAYLOAD
 from multidict import CIMultiDict
 
 from apitally_proxy.config import parse_upstream
 from apitally_proxy.lean import headers as h
-from apitally_proxy.lean.server import LeanConfig, LeanServer, parser_refusal
+from apitally_proxy.lean.parser import HeadRefused, RequestParser
+from apitally_proxy.lean.server import LeanConfig, LeanServer
 from apitally_proxy.proxy import BodyCapture, Exchange
 from apitally_proxy.websocket import pass_back_fields
 from tests.support.upstream import Upstream
@@ -262,13 +264,118 @@ def test_field_kinds_are_remembered_per_spelling_within_a_bound():
     assert h.kind_of(b"Proxy-Foo") == h.HOP
 
 
-def test_parser_refusals_map_to_statuses():
-    from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+class _NoProtocol:
+    """What a request body's StreamReader needs of a protocol, for parser tables."""
 
-    assert parser_refusal(LineTooLong(bytearray(b"/aaa"), 8190)) == 414
-    assert parser_refusal(LineTooLong(b"X-Big: aaa", 8190)) == 431
-    assert parser_refusal(BadHttpMessage("Too many headers received")) == 431
-    assert parser_refusal(BadHttpMessage("Duplicate Content-Length")) == 400
+    _reading_paused = False
+    connected = True
+
+    def pause_reading(self):
+        self._reading_paused = True
+
+    def resume_reading(self, resume_parser=True):
+        self._reading_paused = False
+
+
+def _parse(data, chunks=None, **limits):
+    loop = asyncio.new_event_loop()
+    try:
+        parser = RequestParser(
+            _NoProtocol(),
+            loop,
+            2**16,
+            max_line_size=limits.get("max_line_size", 8190),
+            max_field_size=limits.get("max_field_size", 8190),
+            max_headers=limits.get("max_headers", 128),
+            max_header_bytes=limits.get("max_header_bytes", 65536),
+        )
+        messages = []
+        for piece in chunks or [data]:
+            got, upgraded, tail = parser.feed_data(piece)
+            messages.extend(got)
+        return messages, upgraded, tail
+    finally:
+        loop.close()
+
+
+PARSER_REFUSALS = {
+    "request line over max_line_size": (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414),
+    "header field name over max_field_size": (
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-" + b"a" * 9000 + b": v\r\n\r\n",
+        431,
+    ),
+    "header value over max_field_size": (
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 9000 + b"\r\n\r\n",
+        431,
+    ),
+    "more than max_headers fields": (
+        b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-A: v\r\n" * 130 + b"\r\n",
+        431,
+    ),
+    "duplicate Host": (b"GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n", 400),
+    "duplicate Content-Type": (
+        b"GET / HTTP/1.1\r\nHost: a\r\nContent-Type: a\r\nContent-Type: b\r\n\r\n",
+        400,
+    ),
+    "missing Host in HTTP/1.1": (b"GET / HTTP/1.1\r\n\r\n", 400),
+    "HTTP/2 preface": (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400),
+    "raw non-ASCII target": ("GET /é HTTP/1.1\r\nHost: x\r\n\r\n".encode(), 400),
+    "control byte in target": (b"GET /a\x01 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    "bare LF line ends": (b"GET / HTTP/1.1\nHost: x\n\n", 400),
+    "CL and TE": (
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+        400,
+    ),
+    "garbage": (b"GARBAGE\r\n\r\n", 400),
+    "absolute-form target that is no URL": (b"GET http://[x/ HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+}
+
+
+@pytest.mark.parametrize("name", list(PARSER_REFUSALS))
+def test_the_request_parser_refuses_with_the_right_status(name):
+    data, status = PARSER_REFUSALS[name]
+    with pytest.raises(HeadRefused) as refused:
+        _parse(data)
+    assert refused.value.status == status
+
+
+def test_a_head_that_never_ends_is_refused_within_its_budget():
+    # One endless header value, fed a read at a time: refused once the reads spent
+    # on one unfinished head pass max_line_size + max_header_bytes, not buffered on.
+    reads = [b"GET / HTTP/1.1\r\nHost: x\r\nX-A: "] + [b"a" * 4096] * 40
+    with pytest.raises(HeadRefused) as refused:
+        _parse(b"", reads, max_field_size=10**9, max_header_bytes=65536)
+    assert refused.value.status == 431
+
+
+def test_the_request_parser_keeps_what_the_server_reads():
+    data = (
+        b"POST /items?x=1 HTTP/1.1\r\nHost: app\r\nContent-Length: 5\r\n"
+        b"Expect: 100-continue\r\nX-Trailing: v \t\r\n\r\nhello"
+        b"GET http://api.example:8443/a?b HTTP/1.0\r\n\r\n"
+    )
+    # Split mid-line, mid-body and mid-head: the same heads come out.
+    for chunks in ([data], [data[i : i + 7] for i in range(0, len(data), 7)]):
+        (first, body), (second, none) = _parse(b"", chunks)[0]
+        assert (first.method, first.target, first.version) == ("POST", b"/items?x=1", (1, 1))
+        assert first.raw_headers[-1] == (b"X-Trailing", b"v")
+        assert (first.host, first.content_length, first.expect) == (b"app", b"5", b"100-continue")
+        assert first.headers["x-trailing"] == "v" and not first.should_close
+        assert body.is_eof() and body.read_nowait(-1) == b"hello"
+        assert (second.authority, second.path_qs, second.version) == (
+            "api.example:8443",
+            "/a?b",
+            (1, 0),
+        )
+        assert second.should_close and none is EMPTY_PAYLOAD
+
+
+def test_an_upgrade_head_hands_over_the_bytes_after_it():
+    data = b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nFRAME"
+    messages, upgraded, tail = _parse(data)
+    assert upgraded and tail == b"FRAME" and messages[0][0].upgrade
+    raw = messages[0][0].raw_message()
+    assert raw.headers["Upgrade"] == "websocket" and raw.url.path == "/ws"
 
 
 # --------------------------------------------------------------------------- harness
@@ -692,7 +799,7 @@ REFUSED = {
     "request line over 8 KB": (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
     "HTTP/2.0 request line": (b"GET /headers HTTP/2.0\r\nHost: x\r\n\r\n", 505),
     "HTTP/0.9 request line": (b"GET /headers HTTP/0.9\r\nHost: x\r\n\r\n", 505),
-    "HTTP/1.2 request line": (b"GET /headers HTTP/1.2\r\nHost: x\r\n\r\n", 400),
+    "HTTP/1.2 request line": (b"GET /headers HTTP/1.2\r\nHost: x\r\n\r\n", 505),
     "HTTP/2 preface": (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400),
     "malformed request line": (b"GARBAGE\r\n\r\n", 400),
     "CONNECT": (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", 405),

@@ -1,9 +1,10 @@
-"""A lean client-facing HTTP/1.1 server: an asyncio protocol on aiohttp's C parser.
+"""A lean client-facing HTTP/1.1 server: an asyncio protocol on llhttp (httptools).
 
-One `_Connection` per client socket. `data_received` feeds aiohttp's
-`HttpRequestParser` (llhttp, the same parser and the same strictness as the
-product's aiohttp server: CL+TE, duplicate Content-Length or Host, obs-fold, NUL,
-bad chunk sizes and oversize lines are refused by it), and queues complete heads.
+One `_Connection` per client socket. `data_received` feeds `lean.parser`'s
+`RequestParser` (llhttp in strict mode through httptools, plus the limits and
+refusals aiohttp's request parser adds: CL+TE, duplicate Content-Length or Host,
+a missing Host, obs-fold, NUL, bad chunk sizes and oversize lines are refused),
+and queues complete heads.
 One task per busy connection answers them in order (pipelining), each as:
 
     refuse? → raw request head (headers.request_head) → LeanUpstream.send
@@ -40,9 +41,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
 from aiohttp import web
-from aiohttp._http_parser import HttpRequestParser
 from aiohttp.base_protocol import BaseProtocol
-from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDict
@@ -59,6 +58,7 @@ from apitally_proxy.lean.headers import (
     response_fields,
     status_line,
 )
+from apitally_proxy.lean.parser import HeadRefused, RequestHead, RequestParser
 from apitally_proxy.lean.upstream import LeanResponse, LeanUpstream
 from apitally_proxy.proxy import (
     IDEMPOTENT_METHODS,
@@ -164,16 +164,6 @@ def own_response(
             body,
         )
     )
-
-
-def parser_refusal(exc: BaseException) -> int:
-    """The status for a head the parser refused: 414/431 for oversize lines, else 400."""
-    if isinstance(exc, LineTooLong):
-        # The request line is collected in a bytearray, header fields in bytes.
-        return 414 if isinstance(exc.args[0], bytearray) else 431
-    if isinstance(exc, HttpProcessingError) and "Too many headers" in str(exc):
-        return 431
-    return 400
 
 
 class _ClientGone(ConnectionError):
@@ -346,20 +336,19 @@ class _Connection(BaseProtocol):
     def __init__(self, server: LeanServer, loop: asyncio.AbstractEventLoop) -> None:
         cfg = server.config
         super().__init__(loop)
-        self._parser: Any = HttpRequestParser(
+        self._parser: Any = RequestParser(
             self,
             loop,
             cfg.read_limit,
             max_line_size=cfg.max_line_size,
-            max_headers=cfg.max_headers,
             max_field_size=cfg.max_field_size,
-            payload_exception=ClientBodyError,
-            auto_decompress=False,  # bodies pass as sent, compressed or not
+            max_headers=cfg.max_headers,
+            max_header_bytes=cfg.max_header_bytes,
         )
         self.server = server
         self.peer = ""
         # Complete heads waiting their turn (pipelining); a refusal is queued as an int.
-        self._queue: deque[tuple[Any, StreamReader] | int] = deque()
+        self._queue: deque[tuple[RequestHead, StreamReader] | int] = deque()
         self._task: asyncio.Task[None] | None = None
         self._closing = False  # nothing more is read or parsed
         self._pipeline_paused = False
@@ -369,7 +358,8 @@ class _Connection(BaseProtocol):
         # After a WebSocket upgrade head: the bytes that follow it, then the frame reader.
         self._ws_tail = b""
         self._ws_parser: Any = None
-        self._upgrade_head: Any = None  # the request whose head the parser switched after
+        # The request whose head the parser switched protocols after.
+        self._upgrade_head: RequestHead | None = None
         self.peername: Any = None
         self.sockname: Any = None
 
@@ -408,8 +398,8 @@ class _Connection(BaseProtocol):
             return
         try:
             messages, upgraded, tail = self._parser.feed_data(data)
-        except Exception as exc:
-            self._refuse_stream(parser_refusal(exc), exc)
+        except HeadRefused as exc:
+            self._refuse_stream(exc.status, exc)
             return
         if upgraded:
             # A WebSocket upgrade: whatever follows its head is not HTTP any more.
@@ -575,15 +565,14 @@ class _Connection(BaseProtocol):
             raise _ClientGone()
         tr.write(data)
 
-    def _refusal(self, msg: Any) -> tuple[int, str, bool] | None:
+    def _refusal(self, msg: RequestHead) -> tuple[int, str, bool] | None:
         """(status, text, close) for requests the proxy answers itself, else None."""
         if msg.version not in SUPPORTED_VERSIONS:
             return 505, "HTTP version not supported: use HTTP/1.1\n", True
         method = msg.method
         if method == "CONNECT":
             return 405, "CONNECT is not supported by this proxy\n", True
-        path = msg.path
-        if not path.startswith("/") and not msg.url.raw_authority:
+        if msg.target[:1] != b"/" and msg.authority is None:
             return 400, "request target must start with /\n", True
         raw = msg.raw_headers
         server = self.server
@@ -592,22 +581,20 @@ class _Connection(BaseProtocol):
             and header_bytes(raw) > server.config.max_header_bytes
         ):
             return 431, "request header fields too large\n", True
-        if msg.chunked:
-            te = msg.headers.get("Transfer-Encoding", "")
-            if te.strip().lower() != "chunked":
-                return 501, "unsupported Transfer-Encoding\n", True
+        te = msg.transfer_encoding
+        if te is not None and te.strip().lower() != b"chunked":
+            return 501, "unsupported Transfer-Encoding\n", True
         return None
 
-    async def _handle(self, msg: Any, payload: StreamReader) -> bool:
+    async def _handle(self, msg: RequestHead, payload: StreamReader) -> bool:
         """Answer one request; records exactly one Exchange unless refused. Returns
         whether the connection may carry another request."""
         started = time.perf_counter()
         server = self.server
-        path: str = msg.path
-        absolute = not path.startswith("/")
-        if absolute:
-            url = msg.url
-            path = url.raw_path_qs if url.raw_authority else path
+        path = msg.path
+        absolute = msg.path_qs is not None
+        if msg.path_qs is not None:
+            path = msg.path_qs
         q = path.find("?")
         exchange = Exchange(msg.method, path if q < 0 else path[:q])
         if server.config.keep_request_headers:
@@ -672,7 +659,7 @@ class _Connection(BaseProtocol):
 
     async def _forward(
         self,
-        msg: Any,
+        msg: RequestHead,
         payload: StreamReader,
         has_body: bool,
         absolute: bool,
@@ -681,19 +668,18 @@ class _Connection(BaseProtocol):
         keep: bool,
     ) -> bool:
         server = self.server
-        method: str = msg.method
+        method = msg.method
         authority: bytes | None = None
+        target = msg.target
         if absolute:
-            url = msg.url
-            authority = url.raw_authority.encode("utf-8", "surrogateescape")
-            target = url.raw_path_qs.encode("utf-8", "surrogateescape")
-        else:
-            target = msg.path.encode("utf-8", "surrogateescape")
+            assert msg.authority is not None and msg.path_qs is not None
+            authority = msg.authority.encode("utf-8", "surrogateescape")
+            target = msg.path_qs.encode("utf-8", "surrogateescape")
         if server.base_path:
             target = server.base_path + target
         raw: RawHeaders = msg.raw_headers
         peer = self.peer
-        chunked = bool(msg.chunked)
+        chunked = msg.chunked
         head = request_head(
             method,
             target,
@@ -707,7 +693,7 @@ class _Connection(BaseProtocol):
         body: AsyncIterator[bytes] | None = None
         if has_body:
             body = self._body(payload, exchange, msg)
-        elif msg.headers.get("Content-Length") == "0":
+        elif msg.content_length == b"0":
             exchange.request_size = 0  # a declared empty body has a size
         on_interim = self._interim if msg.version >= (1, 1) else None
         try:
@@ -730,12 +716,12 @@ class _Connection(BaseProtocol):
         finally:
             upstream.release()
 
-    def _log_head(self, msg: Any, path_qs: str, absolute: bool, exchange: Exchange) -> None:
+    def _log_head(self, msg: RequestHead, path_qs: str, absolute: bool, exchange: Exchange) -> None:
         """The request log's side of the capture policy (request logging is on)."""
         headers = msg.headers
         host = headers.get("Host") or self.server.pool.default_host
         if absolute:  # absolute-form: the target's authority is the host
-            host = msg.url.raw_authority or host
+            host = msg.authority or host
         capture = self.server.capture
         assert capture is not None
         capture.on_head(
@@ -748,7 +734,7 @@ class _Connection(BaseProtocol):
             headers.get("Content-Length"),
         )
 
-    async def _upgrade(self, msg: Any, payload: StreamReader) -> None:
+    async def _upgrade(self, msg: RequestHead, payload: StreamReader) -> None:
         """A WebSocket upgrade, relayed by ReverseProxy.handle (websocket.py) on a
         web.BaseRequest over this connection; it records the Exchange itself."""
         server = self.server
@@ -757,7 +743,7 @@ class _Connection(BaseProtocol):
         task = asyncio.current_task()
         assert task is not None
         request = web.BaseRequest(
-            msg, payload, cast(Any, self), StreamWriter(self, loop), task, loop
+            msg.raw_message(), payload, cast(Any, self), StreamWriter(self, loop), task, loop
         )
         response = await server.fallback(request)
         if not response.prepared:  # the upstream refused the upgrade, or was unreachable
@@ -768,13 +754,13 @@ class _Connection(BaseProtocol):
         self._write(interim_head(status, reason, raw))
 
     async def _body(
-        self, payload: StreamReader, exchange: Exchange, msg: Any
+        self, payload: StreamReader, exchange: Exchange, msg: RequestHead
     ) -> AsyncIterator[bytes]:
         exchange.request_size = 0
         capture = exchange.request_body
         if msg.version >= (1, 1):
-            expect = msg.headers.get("Expect")
-            if expect is not None and expect.lower() == "100-continue":
+            expect = msg.expect
+            if expect is not None and expect.lower() == b"100-continue":
                 # The client waits for this before it sends the body; the upstream
                 # never sees Expect (the body is on its way before it could answer).
                 self._write(CONTINUE)
@@ -823,7 +809,7 @@ class _Connection(BaseProtocol):
         return keep
 
     def _response_head(
-        self, msg: Any, upstream: LeanResponse, exchange: Exchange, keep: bool
+        self, msg: RequestHead, upstream: LeanResponse, exchange: Exchange, keep: bool
     ) -> tuple[bytes, bool, bool, bool]:
         """(head, bodiless, chunked_out, keep) for relaying this upstream answer."""
         status = upstream.status
@@ -863,7 +849,7 @@ class _Connection(BaseProtocol):
         return head, bodiless, chunked_out, keep
 
     async def _relay(
-        self, msg: Any, upstream: LeanResponse, exchange: Exchange, keep: bool
+        self, msg: RequestHead, upstream: LeanResponse, exchange: Exchange, keep: bool
     ) -> bool:
         """The response head and first chunk in one write, then the body as it comes."""
         head, bodiless, chunked_out, keep = self._response_head(msg, upstream, exchange, keep)
@@ -933,4 +919,4 @@ class _Connection(BaseProtocol):
             self._write(LAST_CHUNK)
 
 
-__all__ = ["LeanConfig", "LeanServer", "own_response", "parser_refusal"]
+__all__ = ["LeanConfig", "LeanServer", "own_response"]
