@@ -4,6 +4,7 @@ tables, then the server for real on 127.0.0.1 in front of a real aiohttp upstrea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import time
 import tracemalloc
@@ -1144,3 +1145,184 @@ async def test_the_upstream_transport_is_passed_in(upstream):
         await server.close()
     assert status_of(data) == 200
     assert [r.status for r in records] == [200]
+
+
+# --------------------------------------------------------------------------- upstream protocol
+
+
+class Scripted:
+    """A raw upstream answering each request head with the next scripted bytes; notes
+    which connection every request came on (reuse is part of what is tested)."""
+
+    def __init__(self, answers: list[bytes | None]) -> None:
+        self.answers = answers  # None: close the connection instead of answering
+        self.seen: list[tuple[int, bytes]] = []
+        self.connections = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        conn = self.connections
+        try:
+            while self.answers:
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.seen.append((conn, head.split(b"\r\n", 1)[0]))
+                answer = self.answers.pop(0)
+                if answer is None:
+                    break
+                writer.write(answer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def start(self) -> str:
+        self.server, port = await raw_server(self.handle)
+        return f"http://127.0.0.1:{port}"
+
+
+async def _get_all(port: int, paths: list[str], method: str = "GET") -> list[tuple[bytes, bytes]]:
+    """One keep-alive client connection, one request after the other; (head, body) each."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    out = []
+    try:
+        for path in paths:
+            writer.write(f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            if method == "HEAD":
+                out.append((await reader.readuntil(b"\r\n\r\n"), b""))
+            else:
+                out.append(await read_response(reader))
+    finally:
+        writer.close()
+    return out
+
+
+async def test_a_head_answer_skips_its_declared_body_and_the_connection_is_reused(lean):
+    up = Scripted(
+        [
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nnext!",
+        ]
+    )
+    proxy = await lean(await up.start())
+    heads = await _get_all(proxy.port, ["/a", "/b"], method="HEAD")
+    assert all(status_of(h) == 200 for h, _ in heads)
+    assert b"Content-Length: 1234" in heads[0][0]
+    ((_, body),) = await _get_all(proxy.port, ["/c"])
+    assert body == b"next!"
+    assert [conn for conn, _ in up.seen] == [1, 1, 1]  # one upstream connection for all
+
+
+async def test_bytes_after_a_head_answer_make_the_connection_single_use(lean):
+    up = Scripted(
+        [
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc",  # a HEAD answer with a body
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        ]
+    )
+    proxy = await lean(await up.start())
+    await _get_all(proxy.port, ["/a"], method="HEAD")
+    ((_, body),) = await _get_all(proxy.port, ["/b"])
+    assert body == b"ok"  # not "abc": the second request went on a new connection
+    assert [conn for conn, _ in up.seen] == [1, 2]
+
+
+async def test_bodies_split_across_reads_and_close_delimited_bodies_arrive_whole(lean):
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if b"/eof" in head:  # neither Content-Length nor chunked: ends at EOF
+                    writer.write(b"HTTP/1.1 200 OK\r\n\r\nuntil")
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+                    writer.write(b" the end")
+                    break
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+                await writer.drain()
+                await asyncio.sleep(0.05)
+                writer.write(b"world")
+                await writer.drain()
+        writer.close()
+
+    _, port = await raw_server(slow)
+    proxy = await lean(f"http://127.0.0.1:{port}")
+    ((_, body),) = await _get_all(proxy.port, ["/split"])
+    assert body == b"helloworld"
+    data = await exchange(proxy.port, b"GET /eof HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head, _, payload = data.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in head
+    assert b"".join(payload.split(b"\r\n")[1::2]) == b"until the end"
+    records = await proxy.recorded(2)
+    assert [r.response_size for r in records] == [10, 13]
+
+
+async def test_an_interim_answer_and_the_final_one_in_one_read(lean):
+    up = Scripted(
+        [
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        ]
+    )
+    proxy = await lean(await up.start())
+    data = await exchange(proxy.port, b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")
+    assert b"HTTP/1.1 200 OK" in data and data.endswith(b"ok")
+
+
+@pytest.mark.parametrize(
+    ("answer", "status"),
+    [
+        (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n", 502),
+        (b"HTTP/1.1 200 OK\r\n" + b"X-A: b\r\n" * 250 + b"\r\n", 502),
+        (b"NOT HTTP AT ALL\r\n\r\n", 502),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 502),
+        (None, 502),  # closed before any answer (a fresh connection: not retried)
+    ],
+    ids=["field too long", "too many fields", "not HTTP", "two lengths", "closed"],
+)
+async def test_a_broken_upstream_answer_is_a_502_and_the_connection_is_dropped(
+    lean, answer, status
+):
+    up = Scripted([answer, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"])
+    proxy = await lean(await up.start())
+    data = await exchange(proxy.port, b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status_of(data) == status
+    ((_, body),) = await _get_all(proxy.port, ["/y"])  # and the next request is fine
+    assert body == b"ok"
+    assert [conn for conn, _ in up.seen] == [1, 2]
+
+
+async def test_a_stale_pooled_connection_is_retried_once_for_a_get(lean):
+    up = Scripted(
+        [
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na",
+            None,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb",
+        ]
+    )
+    proxy = await lean(await up.start())
+    first = await _get_all(proxy.port, ["/a"])
+    second = await _get_all(proxy.port, ["/b"])
+    assert [body for _, body in first + second] == [b"a", b"b"]
+    assert [conn for conn, _ in up.seen] == [1, 1, 2]
+    assert proxy.server.retries == 1
+
+
+async def test_an_upstream_speaking_on_an_idle_connection_is_not_reused(lean):
+    async def chatty(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")  # unasked
+        await reader.read()
+        writer.close()
+
+    _, port = await raw_server(chatty)
+    proxy = await lean(f"http://127.0.0.1:{port}")
+    ((_, first),) = await _get_all(proxy.port, ["/a"])
+    await asyncio.sleep(0.2)
+    ((_, second),) = await _get_all(proxy.port, ["/b"])
+    assert (first, second) == (b"a", b"a")  # the 408 was never taken as an answer

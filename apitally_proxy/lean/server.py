@@ -853,19 +853,23 @@ class _Connection(BaseProtocol):
     ) -> bool:
         """The response head and first chunk in one write, then the body as it comes."""
         head, bodiless, chunked_out, keep = self._response_head(msg, upstream, exchange, keep)
-        content = upstream.content
-        if bodiless or content is EMPTY_PAYLOAD:
+        if bodiless:
             self._write(head)
             return keep
+        content = upstream.content
         try:
-            first = content.read_nowait(-1)
+            if content is None:  # the whole body came with the head
+                first = upstream.body
+                done = True
+            else:
+                first = content.read_nowait(-1)
+                done = content.at_eof()
             exchange.response_size = len(first)
             capture = exchange.response_body
             if capture is not None:
                 capture.feed(first)
             if chunked_out and first:
                 first = b"%x\r\n%b\r\n" % (len(first), first)
-            done = content.at_eof()
             if done and chunked_out:
                 first += LAST_CHUNK
             tr = self.transport
@@ -876,7 +880,7 @@ class _Connection(BaseProtocol):
                 tr.write(head + first)
             else:
                 tr.writelines((head, first))
-            if not done:
+            if content is not None and not done:
                 await self._stream(content, exchange, chunked_out)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
             if isinstance(exc, aiohttp.ClientConnectionResetError) or self.transport is None:

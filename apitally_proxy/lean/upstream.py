@@ -1,110 +1,381 @@
 """The upstream side of the lean server: `UpstreamPool` with raw heads in and out.
 
-`upstream.UpstreamPool` is already lean (aiohttp's C response parser, its
-StreamWriter, a keep-alive pool). The lean server only changes what crosses the
-boundary: the request head arrives as bytes built by `headers.request_head` and
-is written as is (no multidict, no serializer), and the response comes back
-with its raw header lines (`message.raw_headers`) so `headers.response_fields`
-can filter them without a multidict either. Pool management (acquire, idle
-sweep, stale retry, release), the body upload with its idle timeout and the
-bounded interim answers are the pool's own code.
+The pool management (acquire, idle sweep, stale retry, release), the body upload
+with its idle timeout and the bounded interim answers are `upstream.UpstreamPool`'s
+own code. What the lean side changes is what crosses the connection: the request
+head arrives as bytes built by `headers.request_head` and is written as is, and
+each connection is a `_RawProtocol` on llhttp (httptools) instead of aiohttp's
+ResponseHandler: the answer comes back as its status, raw header lines (for
+`headers.response_fields`) and, when it arrived with the head, the whole body as
+bytes; no header multidict, no DataQueue, and a StreamReader only for bodies that
+are still arriving.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, cast
 
-from aiohttp import ClientConnectorError, ClientOSError, ServerDisconnectedError
+import httptools
+from aiohttp import (
+    ClientConnectorError,
+    ClientOSError,
+    ClientPayloadError,
+    ServerDisconnectedError,
+    ServerTimeoutError,
+)
+from aiohttp.base_protocol import BaseProtocol
 from aiohttp.client_exceptions import ConnectionTimeoutError
 from aiohttp.client_reqrep import ConnectionKey
-from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_writer import StreamWriter
-from aiohttp.streams import EofStream, StreamReader
+from aiohttp.streams import StreamReader
 
 from apitally_proxy.lean.headers import RawHeaders
-from apitally_proxy.upstream import InvalidResponse, UpstreamPool, _PooledProtocol, _Upload
+from apitally_proxy.upstream import InvalidResponse, UpstreamPool, _Upload
 
 RawInterimHandler = Callable[[int, str, RawHeaders], Awaitable[None] | None]
 
 
-class _LeanProtocol(_PooledProtocol):
-    """The pool's protocol with a cheaper read timeout and a reused response parser.
+class _Answer:
+    """One upstream response head (final or interim) and its body: `body` once the
+    whole body came (most responses: in the read that brought the head), else
+    `content`, a StreamReader fed as the rest arrives."""
 
-    aiohttp re-arms the read timeout on every `data_received` (a TimerHandle created
-    and one cancelled per read, several per request). Here a deadline is moved instead,
-    and one timer per connection checks it when it fires (re-arming itself for what
-    is left): the same timeouts, at the same moments, for a float store per read.
+    __slots__ = (
+        "body",
+        "chunked",
+        "complete",
+        "content",
+        "parts",
+        "raw_headers",
+        "reason",
+        "status",
+    )
 
-    `resume_reading` acts only when reading was paused.
+    def __init__(self, status: int, reason: str, raw_headers: RawHeaders, chunked: bool) -> None:
+        self.status = status
+        self.reason = reason
+        self.raw_headers = raw_headers
+        self.chunked = chunked
+        self.complete = False
+        self.body = b""
+        self.parts: list[bytes] = []
+        self.content: StreamReader | None = None
 
-    `set_response_params` builds a new HttpResponseParser; llhttp parses any number
-    of keep-alive responses in a row, so the parser is kept while the parameters
-    (only HEAD differs) stay the same.
+
+class _RawProtocol(BaseProtocol):
+    """One pooled upstream connection, parsed with llhttp (httptools).
+
+    It replaces aiohttp's ResponseHandler, response parser and DataQueue on the lean
+    path: a response whose body arrives with its head (most of them) is handed over
+    as bytes, with no StreamReader; a longer body streams through one. The rules are
+    the pool's: an idle connection that receives anything is closed; a read timeout
+    between reads while an answer is owed (one deadline moved per read, one timer per
+    connection); EOF before an answer is `ServerDisconnectedError` (a stale pooled
+    connection, retried for idempotent requests); EOF inside a body framed by length
+    or chunks is `ClientPayloadError`; a close-delimited body ends at EOF.
+
+    httptools cannot be told to skip a HEAD response's body (aiohttp's `skip_payload`):
+    after a HEAD answer's head the parser is replaced by a fresh one, and any byte
+    that came after that head makes the connection single-use.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(loop)
-        self._deadline: float | None = None
-        self.lean_skip_payload: bool | None = None  # the parser's skip_payload, once set
+    idle = False
 
-    def _reschedule_timeout(self) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        read_timeout: float,
+        max_field_size: int,
+        max_headers: int,
+    ) -> None:
+        super().__init__(loop)
+        self._read_timeout = read_timeout
+        self._max_field = max_field_size
+        self._max_headers = max_headers
+        self._max_head = max_field_size * (max_headers + 2)
+        self._http = self._new_parser()
+        self._answers: deque[_Answer] = deque()  # parsed, not yet read
+        self._current: _Answer | None = None  # the answer whose body is arriving
+        self._waiter: asyncio.Future[None] | None = None
+        self._exc: BaseException | None = None  # what the next read raises
+        self._closing = False  # not to be reused
+        self._head_request = False  # the request in flight is a HEAD
+        self._skipped = False  # a HEAD answer's head came: replace the parser after the read
+        self._in_head = False
+        self._fed = 0
+        self._reason = b""
+        self._raw: list[tuple[bytes, bytes]] = []
+        self._chunked = False
+        self._http_length_unknown = True  # neither Content-Length nor chunked: ends at EOF
+        self._deadline: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def _new_parser(self) -> httptools.HttpResponseParser:
+        parser = httptools.HttpResponseParser(self)
+        # aiohttp's tolerance of real servers: a bare LF, spaces after a chunk size.
+        parser.set_dangerous_leniencies(
+            lenient_optional_cr_before_lf=True, lenient_spaces_after_chunk_size=True
+        )
+        return parser
+
+    # What the pool and _Upload use.
+
+    @property
+    def should_close(self) -> bool:
+        return (
+            self._closing
+            or self._current is not None
+            or bool(self._answers)
+            or self._exc is not None
+            or self.transport is None
+        )
+
+    def is_connected(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
+    def force_close(self) -> None:
+        self._closing = True
+
+    def close(self) -> None:
+        self._closing = True
+        if self.transport is not None:
+            self.transport.close()
+        self._cancel_timer()
+
+    def expect(self, method: str) -> None:
+        """The next answer is to a `method` request (HEAD answers carry no body)."""
+        self._head_request = method == "HEAD"
+
+    def start_timeout(self) -> None:
+        """The upstream owes an answer (or more of one) from now on."""
         timeout = self._read_timeout
         if not timeout:
-            self._deadline = None
             return
         self._deadline = deadline = self._loop.time() + timeout
-        if self._read_timeout_handle is None:
-            self._read_timeout_handle = self._loop.call_at(deadline, self._check_deadline)
+        if self._timer is None:
+            self._timer = self._loop.call_at(deadline, self._check_deadline)
 
-    def _drop_timeout(self) -> None:
-        self._deadline = None  # the timer, if armed, finds nothing to do and stops
+    def set_exception(self, exc: BaseException) -> None:
+        """Fail the exchange: the pending read, or the body being read."""
+        self._closing = True
+        self._exc = exc
+        current = self._current
+        if current is not None and current.content is not None:
+            current.content.set_exception(exc)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+
+    async def read(self) -> _Answer:
+        """The next answer head (interim or final), once parsed."""
+        if not self._answers:
+            if self._exc is not None:
+                raise self._exc
+            if self.transport is None:
+                raise ServerDisconnectedError()
+            self._waiter = waiter = self._loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        return self._answers.popleft()
+
+    # Flow control: a full StreamReader pauses the socket (no parser to pause).
+
+    def pause_reading(self) -> None:
+        self._reading_paused = True
+        self._pause_transport_reading()
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        if self._reading_paused:
+            self._reading_paused = False
+            if not self._buffer_paused:
+                self._resume_transport_reading()
+
+    # asyncio.Protocol.
+
+    def data_received(self, data: bytes) -> None:
+        if self.idle:
+            # Bytes on an idle keep-alive connection (a 408, a late duplicate) would be
+            # read as the answer to the next request sent on it.
+            self.close()
+            return
+        if self._deadline is not None:
+            self._deadline = self._loop.time() + self._read_timeout
+        in_head = self._in_head
+        try:
+            self._http.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._closing = True  # a 101: nothing after it is HTTP
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            self._invalid(str(cause) if isinstance(cause, InvalidResponse) else str(exc))
+            return
+        except httptools.HttpParserError as exc:
+            self._invalid(str(exc))
+            return
+        if in_head and self._in_head:
+            self._fed += len(data)
+            if self._fed > self._max_head:
+                self._invalid("response head too large")
+                return
+        if self._skipped:
+            self._skipped = False
+            self._http = self._new_parser()
+        current = self._current
+        if current is not None and current.content is None:
+            # The body goes on past this read: from here it streams.
+            content = current.content = StreamReader(self, 2**16, loop=self._loop)
+            for part in current.parts:
+                content.feed_data(part)
+            current.parts = []
+        waiter = self._waiter
+        if waiter is not None and self._answers and not waiter.done():
+            waiter.set_result(None)
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes; connection_lost ends what is open
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self._cancel_timer()
+        current = self._current
+        if current is not None:
+            self._current = None
+            content = current.content
+            if not current.chunked and self._http_length_unknown:
+                # A close-delimited body (neither Content-Length nor chunked) ends here.
+                current.complete = True
+                if content is not None:
+                    content.feed_eof()
+            elif content is not None:
+                content.set_exception(ClientPayloadError("response payload is not completed"))
+        if self._exc is None:
+            self._exc = ServerDisconnectedError()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            if self._answers:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(self._exc)
+
+    # httptools callbacks.
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._fed = 0
+        self._reason = b""
+        self._raw = []
+        self._chunked = False
+        self._http_length_unknown = True
+
+    def on_status(self, reason: bytes) -> None:
+        reason = self._reason + reason if self._reason else reason
+        if len(reason) > self._max_field:
+            raise InvalidResponse("response status line too long")
+        self._reason = reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # trailer fields of a chunked body: not relayed
+        if len(name) > self._max_field or len(value) > self._max_field:
+            raise InvalidResponse("response header field too long (max_response_field_size)")
+        if value and value[-1] in b" \t":
+            value = value.rstrip(b" \t")
+        raw = self._raw
+        raw.append((name, value))
+        if len(raw) > self._max_headers:
+            raise InvalidResponse("too many response header fields (max_response_headers)")
+        n = len(name)
+        if n == 17 and name.lower() == b"transfer-encoding":
+            self._chunked = value.lower().endswith(b"chunked")
+            self._http_length_unknown = not self._chunked
+        elif n == 14 and name.lower() == b"content-length":
+            self._http_length_unknown = False
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        http = self._http
+        status = http.get_status_code()
+        answer = _Answer(
+            status, self._reason.decode("utf-8", "surrogateescape"), self._raw, self._chunked
+        )
+        self._answers.append(answer)
+        if 100 <= status < 200 and status != 101:
+            answer.complete = True  # interim: the final answer follows on this connection
+            return
+        if not http.should_keep_alive():
+            self._closing = True
+        if self._head_request or status in (101, 204, 304):
+            answer.complete = True
+            self._deadline = None
+            self._skipped = self._head_request
+            return
+        self._current = answer
+
+    def on_body(self, body: bytes) -> None:
+        current = self._current
+        if current is None:
+            self._closing = True  # bytes after a HEAD answer's head: not reusable
+            return
+        if current.content is not None:
+            current.content.feed_data(body)
+        else:
+            current.parts.append(body)
+
+    def on_message_complete(self) -> None:
+        current = self._current
+        if current is None:
+            return
+        self._current = None
+        self._deadline = None  # the answer is complete: nothing more is owed
+        current.complete = True
+        content = current.content
+        if content is not None:
+            content.feed_eof()
+        else:
+            parts = current.parts
+            current.body = parts[0] if len(parts) == 1 else b"".join(parts)
+            current.parts = []
+
+    # The read timeout.
+
+    def _invalid(self, reason: str) -> None:
+        self.set_exception(InvalidResponse(reason))
+        if self.transport is not None:
+            self.transport.close()
 
     def _check_deadline(self) -> None:
-        self._read_timeout_handle = None
+        self._timer = None
         deadline = self._deadline
         if deadline is None:
             return
         if self._loop.time() >= deadline:
             self._deadline = None
-            self._on_read_timeout()
+            self.set_exception(ServerTimeoutError("timeout reading from the upstream"))
         else:
-            self._read_timeout_handle = self._loop.call_at(deadline, self._check_deadline)
-
-    def resume_reading(self, resume_parser: bool = True) -> None:
-        # StreamReader calls this on every read below its low-water mark; only a real
-        # pause needs undoing (aiohttp would re-feed the parser an empty chunk each time).
-        if self._reading_paused:
-            super().resume_reading(resume_parser)
+            self._timer = self._loop.call_at(deadline, self._check_deadline)
 
     def _cancel_timer(self) -> None:
         self._deadline = None
-        if self._read_timeout_handle is not None:
-            self._read_timeout_handle.cancel()
-            self._read_timeout_handle = None
-
-    def close(self) -> None:
-        super().close()
-        self._cancel_timer()
-
-    def abort(self) -> None:
-        super().abort()
-        self._cancel_timer()
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        super().connection_lost(exc)
-        self._cancel_timer()
-        self.lean_skip_payload = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class LeanResponse:
-    """The upstream's answer: status, raw header lines, the body as a stream."""
+    """The upstream's answer: status, raw header lines, and the body: `body` when it
+    came whole with the head (`content` None), else `content` to stream."""
 
     __slots__ = (
         "_done",
         "_pool",
         "_proto",
         "_upload",
+        "body",
         "chunked",
         "content",
         "raw_headers",
@@ -113,25 +384,18 @@ class LeanResponse:
     )
 
     def __init__(
-        self,
-        pool: LeanUpstream,
-        proto: _PooledProtocol,
-        status: int,
-        reason: str,
-        raw_headers: RawHeaders,
-        chunked: bool,
-        content: StreamReader,
-        upload: _Upload | None,
+        self, pool: LeanUpstream, proto: _RawProtocol, answer: _Answer, upload: _Upload | None
     ) -> None:
         self._pool = pool
         self._proto = proto
         self._upload = upload
         self._done = False
-        self.status = status
-        self.reason = reason
-        self.raw_headers = raw_headers
-        self.chunked = chunked
-        self.content = content
+        self.status = answer.status
+        self.reason = answer.reason
+        self.raw_headers = answer.raw_headers
+        self.chunked = answer.chunked
+        self.body = answer.body
+        self.content = answer.content
 
     def release(self) -> None:
         """Back to the pool if the exchange ended cleanly, else closed (see UpstreamResponse)."""
@@ -140,25 +404,28 @@ class LeanResponse:
         self._done = True
         if self._upload is not None:
             self._upload.cancel()
-        self._pool._release(self._proto)
+        self._pool._release(cast(Any, self._proto))
 
 
 class LeanUpstream(UpstreamPool):
-    """The keep-alive pool, sending pre-built heads."""
+    """The keep-alive pool (its acquire, idle sweep, stale retry and release), with
+    connections of `_RawProtocol` and pre-built request heads."""
 
-    async def _open(self) -> _PooledProtocol:
+    async def _open(self) -> Any:
         """`UpstreamPool._open` with the lean protocol."""
         loop = asyncio.get_running_loop()
         up = self._upstream
+
+        def protocol() -> _RawProtocol:
+            return _RawProtocol(loop, self._read_timeout, self._max_field_size, self._max_headers)
+
         try:
             async with asyncio.timeout(self._connect_timeout):
                 if up.socket_path is not None:
-                    _, proto = await loop.create_unix_connection(
-                        lambda: _LeanProtocol(loop), up.socket_path
-                    )
+                    _, proto = await loop.create_unix_connection(protocol, up.socket_path)
                 else:
                     _, proto = await loop.create_connection(
-                        lambda: _LeanProtocol(loop),
+                        protocol,
                         up.host,
                         up.port,
                         ssl=self._ssl,
@@ -189,7 +456,7 @@ class LeanUpstream(UpstreamPool):
         if self._slots is not None:
             await self._slots.acquire()
         try:
-            proto = self._take_idle()
+            proto: Any = self._take_idle()
             if proto is not None:
                 try:
                     return await self._exchange_raw(proto, method, head, body, chunked, on_interim)
@@ -210,28 +477,9 @@ class LeanUpstream(UpstreamPool):
                 self._slots.release()
             raise
 
-    def _prepare(self, proto: _PooledProtocol, skip: bool) -> None:
-        """Response parser and timeouts for the next exchange (the parser kept if it fits)."""
-        if getattr(proto, "lean_skip_payload", None) is skip and proto._parser is not None:
-            return
-        proto.set_response_params(
-            skip_payload=skip,
-            # A body with neither Content-Length nor chunked framing ends when the
-            # upstream closes the connection (RFC 9112 §6.3).
-            read_until_eof=True,
-            auto_decompress=False,
-            read_timeout=self._read_timeout,
-            timeout_ceil_threshold=self._read_timeout + 1,  # exact timeouts, no rounding up
-            max_line_size=self._max_field_size,
-            max_field_size=self._max_field_size,
-            max_headers=self._max_headers,
-        )
-        if isinstance(proto, _LeanProtocol):
-            proto.lean_skip_payload = skip
-
     def _write_head(
         self,
-        proto: _PooledProtocol,
+        proto: _RawProtocol,
         head: bytes,
         body: AsyncIterator[bytes] | None,
         chunked: bool,
@@ -253,29 +501,25 @@ class LeanUpstream(UpstreamPool):
         writer.send_headers()
         # The body goes up while the answer is awaited (a 413 may come first); the
         # read timeout starts once it is sent: until then the upstream may stay silent.
-        return _Upload(loop, proto, writer, body, self._body_timeout)
+        return _Upload(loop, cast(Any, proto), writer, body, self._body_timeout)
 
     async def _exchange_raw(
         self,
-        proto: _PooledProtocol,
+        proto: _RawProtocol,
         method: str,
         head: bytes,
         body: AsyncIterator[bytes] | None,
         chunked: bool,
         on_interim: RawInterimHandler | None,
     ) -> LeanResponse:
-        self._prepare(proto, method == "HEAD")
+        proto.expect(method)
         upload = self._write_head(proto, head, body, chunked)
         interim = 0
         try:
             while True:
-                try:
-                    message, payload = await proto.read()
-                except EofStream:
-                    raise ServerDisconnectedError() from None
-                except HttpProcessingError as exc:
-                    raise InvalidResponse(exc.message) from exc
-                if not (100 <= message.code < 200) or message.code == 101:
+                answer = await proto.read()
+                code = answer.status
+                if not (100 <= code < 200) or code == 101:
                     break
                 interim += 1
                 if interim > self._max_interim:
@@ -284,8 +528,8 @@ class LeanUpstream(UpstreamPool):
                         "(max_interim_responses)"
                     )
                 proto.start_timeout()
-                if on_interim is not None and message.code != 100:
-                    sent = on_interim(message.code, message.reason, message.raw_headers)
+                if on_interim is not None and code != 100:
+                    sent = on_interim(code, answer.reason, answer.raw_headers)
                     if sent is not None:
                         await sent
         except BaseException:
@@ -294,13 +538,4 @@ class LeanUpstream(UpstreamPool):
             raise
         if upload is not None:
             upload.answered()
-        return LeanResponse(
-            self,
-            proto,
-            message.code,
-            message.reason,
-            message.raw_headers,
-            bool(message.chunked),
-            payload,
-            upload,
-        )
+        return LeanResponse(self, proto, answer, upload)
