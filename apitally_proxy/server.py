@@ -62,6 +62,10 @@ log = logging.getLogger("apitally_proxy")
 SECOND_SIGNAL_AFTER = 1.0  # seconds after the first before another signal means "hurry"
 MAX_FINAL_DELIVERY = 10.0  # seconds of shutdown_grace kept for the final delivery, at most
 EXIT_MARGIN = 0.5  # seconds before the end of shutdown_grace the process is out
+# Finished requests are metered in batches: the ones that finished within this delay,
+# at most METER_BATCH_MAX at a time (see Worker._record).
+METER_BATCH_DELAY = 0.01
+METER_BATCH_MAX = 256
 GC_THRESHOLD = 20_000  # allocations between young-generation collections (default 700)
 
 
@@ -122,6 +126,8 @@ class Worker:
             max_age=settings.queue_max_age,
         )
         self.request_log = self._make_request_log()
+        self._unmetered: list[Exchange] = []  # finished, waiting for the next meter batch
+        self._meter_timer: asyncio.TimerHandle | None = None
         captures = Captures(
             settings.framework, self.request_log, keep_request_headers=self.identity is not None
         )
@@ -151,7 +157,11 @@ class Worker:
             default_interval=OTLP_INTERVAL if self.otlp else None,
             # OTLP: spans are spooled before each export cycle and go out with it; hub:
             # request-log files are uploaded after each sync, as the official clients do.
-            before_sync=[self._save_learned_routes, *(log_hooks if self.otlp else [])],
+            before_sync=[
+                self._save_learned_routes,
+                self._meter_pending,  # requests finishing later count in the next interval
+                *(log_hooks if self.otlp else []),
+            ],
             # Last: the interval's payloads are built, spooled and freed by now.
             after_sync=[*(log_hooks if not self.otlp else []), self._trim_heap],
         )
@@ -230,10 +240,41 @@ class Worker:
         )
 
     def _record(self, exchange: Exchange) -> None:
-        """The one call per finished request: meter it, then (maybe) log it."""
-        template, consumer = self.meter.record(exchange)
-        if exchange.log and self.request_log is not None:
-            self.request_log.add(exchange, template, consumer)
+        """The one call per finished request, after its response went out: queued, and
+        metered (then maybe logged) with the others that finish within METER_BATCH_DELAY.
+        One pass over the meter's code and tables per batch instead of one per request
+        between two requests' network code: measured in the product, metering took
+        ~10.6 µs per request one at a time, against ~3 µs in a warm loop."""
+        pending = self._unmetered
+        pending.append(exchange)
+        if len(pending) == 1:
+            self._meter_timer = asyncio.get_running_loop().call_later(
+                METER_BATCH_DELAY, self.meter_pending
+            )
+        elif len(pending) >= METER_BATCH_MAX:
+            self.meter_pending()
+
+    def meter_pending(self) -> None:
+        """Meter every queued request now (readers of the meter call this first)."""
+        if self._meter_timer is not None:
+            self._meter_timer.cancel()
+            self._meter_timer = None
+        pending = self._unmetered
+        if not pending:
+            return
+        self._unmetered = []
+        record = self.meter.record
+        request_log = self.request_log
+        for exchange in pending:
+            try:
+                template, consumer = record(exchange)
+                if exchange.log and request_log is not None:
+                    request_log.add(exchange, template, consumer)
+            except Exception:  # metering must never break proxying
+                log.exception("metering a request failed")
+
+    async def _meter_pending(self) -> None:
+        self.meter_pending()
 
     def _startup_payload(self, instance_uuid: str) -> dict[str, Any]:
         s = self.settings
@@ -317,6 +358,7 @@ class Worker:
         problem = s.export_problem or self.transport.last_error
         heuristics = self.routes.table is None
         in_flight, retries, refused = self._front_counts()
+        self.meter_pending()
         return to_dict(
             WorkerStatus(
                 version=__version__,
@@ -414,6 +456,7 @@ class Worker:
     async def _advance_recent(self) -> None:
         while True:
             await asyncio.sleep(1.0)
+            self.meter_pending()  # the requests of the second that ends count in it
             self.meter.recent.advance()
 
     async def _start_proxy_server(
@@ -550,6 +593,7 @@ class Worker:
         if self.lean is not None:
             await self.lean.close()
         await self.proxy.close()
+        self.meter_pending()  # every request counted before the final sync
         if self.request_log is not None:
             # Last upload attempt; what does not go out now is sent after the next start.
             with contextlib.suppress(Exception):
