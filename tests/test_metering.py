@@ -112,3 +112,34 @@ def test_consumer_registry_is_bounded():
     for i in range(1000):
         reg.add_or_update(parse_consumer(f"c{i}", "n"))
     assert len(reg.get_and_reset_updated_consumers()) == 10
+
+
+def test_a_serialized_peek_is_the_json_of_the_plain_one():
+    """Checkpoints encode the rows a chunk at a time (no dict per row): the same JSON,
+    across chunk boundaries, repairs included; the counters are left as they were."""
+    import orjson
+
+    from apitally_proxy.hub.payloads import sync_payload
+    from apitally_proxy.metering.meter import Meter
+    from apitally_proxy.routes import RouteResolver
+    from apitally_proxy.text import dumps_lenient
+
+    meter = Meter(RouteResolver())
+    for i in range(700):  # several chunks
+        meter.requests.add_request(f"c{i % 300}", "GET", f"/p/{i % 7}", 200, i / 1000, i, 3 * i)
+    meter.requests.add_request("caf\udce9", "POST", "/x", 201, 0.2)  # repaired, not dropped
+    meter.validation_errors.add_validation_errors(
+        None, "POST", "/x", [(("body", "name"), "field required", "missing")]
+    )
+
+    def encoded(aggregates: dict) -> dict:
+        return orjson.loads(dumps_lenient(sync_payload("i", aggregates, None, "m"))[0])
+
+    plain, serialized = encoded(meter.peek()), encoded(meter.peek(serialized=True))
+    plain.pop("timestamp"), serialized.pop("timestamp")
+    assert serialized == plain
+    assert len(plain["requests"]) == 701 and len(plain["validation_errors"]) == 1
+    assert encoded(meter.peek(serialized=True))["requests"] == plain["requests"]
+    assert len(meter.get_and_reset()["requests"]) == 701
+    empty = meter.peek(serialized=True)
+    assert empty["requests"] == [] and empty["validation_errors"] == []

@@ -186,3 +186,45 @@ async def test_hanging_hub_slows_no_request_and_loses_nothing(
     await hub.wait_for(lambda: sum(hub.request_counts().values()) >= 60, timeout=20)
     assert await proxy.stop() == 0
     assert hub.request_counts() == {(None, "GET", "/items/{id}", 200): 60}
+
+
+def checkpoint_file(state) -> tuple[int, int] | None:
+    """(inode, mtime_ns) of the worker's checkpoint: each write renames a new file in."""
+    found = list(state.rglob("checkpoint.json"))
+    if not found:
+        return None
+    st = found[0].stat()
+    return st.st_ino, st.st_mtime_ns
+
+
+async def test_no_checkpoint_is_written_while_nothing_changed(
+    hub, upstream, http, start_proxy, tmp_path
+):
+    state = tmp_path / "state"
+    proxy = await start_proxy(upstream.url, *hub_cli_args(hub, "3600"), state_dir=state)
+    await hub.wait_for(lambda: hub.accepted("sync"))  # the first (empty) sync
+    await asyncio.sleep(1.6)
+    assert checkpoint_file(state) is None  # an empty interval is not checkpointed
+    await send(http, proxy.url, 3)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while (first := checkpoint_file(state)) is None:
+        assert loop.time() < deadline, "no checkpoint after the requests"
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.3)  # a write in flight when the file appeared
+    first = checkpoint_file(state)
+    await asyncio.sleep(2.5)  # > two checkpoint intervals, no traffic
+    assert checkpoint_file(state) == first
+    await send(http, proxy.url, 1)
+    deadline = loop.time() + 5
+    while checkpoint_file(state) == first:
+        assert loop.time() < deadline, "a new request was not checkpointed"
+        await asyncio.sleep(0.1)
+    # What a crash would recover is the whole open interval, rows as a sync sends them.
+    checkpoint = orjson.loads(next(state.rglob("checkpoint.json")).read_bytes())
+    (payload,) = checkpoint["payloads"]
+    (row,) = payload["requests"]
+    assert row["path"] == "/items/{id}" and row["request_count"] == 4
+    assert row["response_times"] and all(isinstance(k, str) for k in row["response_times"])
+    assert await proxy.stop() == 0
+    assert hub.request_counts() == {(None, "GET", "/items/{id}", 200): 4}

@@ -58,6 +58,9 @@ def sync_payload(
 class HubCodec:
     """An interval's aggregates → the one hub sync payload that carries them."""
 
+    # The payload is only ever encoded as JSON: a checkpoint's rows may come pre-serialized.
+    serialized_rows = True
+
     def __init__(self, instance_uuid: str) -> None:
         self.instance_uuid = instance_uuid
         self._process = psutil.Process()

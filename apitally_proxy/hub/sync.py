@@ -36,12 +36,16 @@ T = TypeVar("T")
 class AggregateSource(Protocol):
     recorded: int  # grows with every request recorded: tells whether anything changed
 
-    def peek(self) -> dict[str, Any]: ...
+    def peek(self, serialized: bool = False) -> dict[str, Any]: ...
 
     def get_and_reset(self) -> dict[str, Any]: ...
 
 
 class Codec(Protocol):
+    # Optional (default False): the codec only encodes an interval's rows as JSON, so
+    # checkpoints may hand them over pre-serialized (`AggregateSource.peek(serialized=True)`).
+    # serialized_rows: bool
+
     def interval(
         self,
         aggregates: dict[str, Any],
@@ -82,6 +86,7 @@ class HubSync:
         self._source = source
         self._startup = startup
         self._codec = codec
+        self._serialized_rows = bool(getattr(codec, "serialized_rows", False))
         self._interval = interval
         self._default_interval = default_interval
         self._interval_start_ns = time.time_ns()
@@ -218,7 +223,8 @@ class HubSync:
             recorded = self._source.recorded
             if self.stopped or recorded == self._checkpointed_at:
                 return  # nothing new since the last checkpoint (or nothing will be sent)
-            aggregates = self._source.peek()
+            # Pre-serialized rows where the codec allows: no dict per row, rebuilt each second.
+            aggregates = self._source.peek(serialized=self._serialized_rows)
             if not any(aggregates[k] for k in AGGREGATE_KEYS):
                 return
             mu = self._next_message_uuid

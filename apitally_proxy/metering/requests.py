@@ -3,29 +3,29 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any, Generic, TypeVar
 
 RequestKey = tuple[str | None, str, str, int]
 A = TypeVar("A")
 
 
+# The three histograms of an aggregate share one dict: key = bin << 2 | kind. Under hostile
+# cardinality most keys see one request, and three dicts per key were most of its size.
+RESPONSE_TIME, REQUEST_SIZE, RESPONSE_SIZE = 0, 1, 2
+_KIND_BITS = 2
+_KIND_MASK = 3
+
+
 class _Aggregate:
-    __slots__ = (
-        "count",
-        "request_size_sum",
-        "request_sizes",
-        "response_size_sum",
-        "response_sizes",
-        "response_times",
-    )
+    __slots__ = ("bins", "count", "request_size_sum", "response_size_sum")
 
     def __init__(self) -> None:
         self.count = 0
         self.request_size_sum = 0
         self.response_size_sum = 0
-        self.response_times: dict[int, int] = {}
-        self.request_sizes: dict[int, int] = {}
-        self.response_sizes: dict[int, int] = {}
+        # (bin << 2 | kind) -> count: response times in 10 ms bins, sizes in 1 KB bins.
+        self.bins: dict[int, int] = {}
 
 
 class KeyedCounter(Generic[A]):
@@ -118,29 +118,27 @@ class RequestCounter(KeyedCounter[_Aggregate]):
         response_size: int | None,
     ) -> None:
         agg.count += 1
+        bins = agg.bins
         # Same arithmetic as the official clients, so float edge cases land in the same bin.
         rt_bin = math.floor(response_time / 0.01) * 10 if response_time > 0 else 0
-        agg.response_times[rt_bin] = agg.response_times.get(rt_bin, 0) + 1
+        key = rt_bin << _KIND_BITS  # | RESPONSE_TIME (0)
+        bins[key] = bins.get(key, 0) + 1
         if request_size is not None and request_size >= 0:
             agg.request_size_sum += request_size
-            kb = request_size // 1000
-            agg.request_sizes[kb] = agg.request_sizes.get(kb, 0) + 1
+            key = (request_size // 1000) << _KIND_BITS | REQUEST_SIZE
+            bins[key] = bins.get(key, 0) + 1
         if response_size is not None and response_size >= 0:
             agg.response_size_sum += response_size
-            kb = response_size // 1000
-            agg.response_sizes[kb] = agg.response_sizes.get(kb, 0) + 1
+            key = (response_size // 1000) << _KIND_BITS | RESPONSE_SIZE
+            bins[key] = bins.get(key, 0) + 1
 
     def _merge(self, into: _Aggregate, other: _Aggregate) -> None:
         into.count += other.count
         into.request_size_sum += other.request_size_sum
         into.response_size_sum += other.response_size_sum
-        for mine, theirs in (
-            (into.response_times, other.response_times),
-            (into.request_sizes, other.request_sizes),
-            (into.response_sizes, other.response_sizes),
-        ):
-            for k, n in theirs.items():
-                mine[k] = mine.get(k, 0) + n
+        mine = into.bins
+        for k, n in other.bins.items():
+            mine[k] = mine.get(k, 0) + n
 
     def peek_requests(self) -> list[dict[str, Any]]:
         """The `requests` rows so far, leaving the counter as it is (for checkpoints)."""
@@ -150,20 +148,31 @@ class RequestCounter(KeyedCounter[_Aggregate]):
         """The `requests` list of a sync payload; the counter starts empty again."""
         return self._rows(self._take())
 
+    def iter_requests(self) -> Iterator[dict[str, Any]]:
+        """The rows so far, one at a time (for a checkpoint serialized as it goes: read
+        it to the end before the counter changes again)."""
+        return (row(key, agg) for key, agg in self._aggregates.items())
+
     @staticmethod
     def _rows(aggregates: dict[RequestKey, _Aggregate]) -> list[dict[str, Any]]:
-        return [
-            {
-                "consumer": consumer,
-                "method": method,
-                "path": path,
-                "status_code": status,
-                "request_count": agg.count,
-                "request_size_sum": agg.request_size_sum,
-                "response_size_sum": agg.response_size_sum,
-                "response_times": {str(k): v for k, v in agg.response_times.items()},
-                "request_sizes": {str(k): v for k, v in agg.request_sizes.items()},
-                "response_sizes": {str(k): v for k, v in agg.response_sizes.items()},
-            }
-            for (consumer, method, path, status), agg in aggregates.items()
-        ]
+        return [row(key, agg) for key, agg in aggregates.items()]
+
+
+def row(key: RequestKey, agg: _Aggregate) -> dict[str, Any]:
+    """One `requests` row of a hub sync payload, as the official clients shape it."""
+    consumer, method, path, status = key
+    hists: tuple[dict[str, int], dict[str, int], dict[str, int]] = ({}, {}, {})
+    for k, n in agg.bins.items():
+        hists[k & _KIND_MASK][str(k >> _KIND_BITS)] = n
+    return {
+        "consumer": consumer,
+        "method": method,
+        "path": path,
+        "status_code": status,
+        "request_count": agg.count,
+        "request_size_sum": agg.request_size_sum,
+        "response_size_sum": agg.response_size_sum,
+        "response_times": hists[RESPONSE_TIME],
+        "request_sizes": hists[REQUEST_SIZE],
+        "response_sizes": hists[RESPONSE_SIZE],
+    }

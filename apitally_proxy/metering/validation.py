@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
@@ -314,17 +314,23 @@ class ValidationErrorCounter:
         counts, self._counts = self._counts, {}
         return self._rows(counts)
 
+    def iter_validation_errors(self) -> Iterator[dict[str, Any]]:
+        """The rows so far, one at a time (read to the end before the counter changes)."""
+        return (_row(key, n) for key, n in self._counts.items())
+
     @staticmethod
     def _rows(counts: dict[ErrorKey, int]) -> list[dict[str, Any]]:
-        return [
-            {
-                "consumer": consumer,
-                "method": method,
-                "path": path,
-                "loc": list(loc),
-                "msg": msg,
-                "type": typ,
-                "error_count": n,
-            }
-            for (consumer, method, path, loc, msg, typ), n in counts.items()
-        ]
+        return [_row(key, n) for key, n in counts.items()]
+
+
+def _row(key: ErrorKey, n: int) -> dict[str, Any]:
+    consumer, method, path, loc, msg, typ = key
+    return {
+        "consumer": consumer,
+        "method": method,
+        "path": path,
+        "loc": list(loc),
+        "msg": msg,
+        "type": typ,
+        "error_count": n,
+    }
