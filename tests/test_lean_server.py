@@ -1278,9 +1278,10 @@ async def test_an_interim_answer_and_the_final_one_in_one_read(lean):
         (b"HTTP/1.1 200 OK\r\n" + b"X-A: b\r\n" * 250 + b"\r\n", 502),
         (b"NOT HTTP AT ALL\r\n\r\n", 502),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 502),
+        (b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 2\r\n\r\nok", 502),
         (None, 502),  # closed before any answer (a fresh connection: not retried)
     ],
-    ids=["field too long", "too many fields", "not HTTP", "two lengths", "closed"],
+    ids=["field too long", "too many fields", "not HTTP", "two lengths", "NUL", "closed"],
 )
 async def test_a_broken_upstream_answer_is_a_502_and_the_connection_is_dropped(
     lean, answer, status

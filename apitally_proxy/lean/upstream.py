@@ -115,9 +115,13 @@ class _RawProtocol(BaseProtocol):
 
     def _new_parser(self) -> httptools.HttpResponseParser:
         parser = httptools.HttpResponseParser(self)
-        # aiohttp's tolerance of real servers: a bare LF, spaces after a chunk size.
+        # aiohttp's tolerance of real servers (its response parser's lax mode): control
+        # bytes in field values (but not CR, LF or NUL: refused), a bare LF, spaces
+        # after a chunk size.
         parser.set_dangerous_leniencies(
-            lenient_optional_cr_before_lf=True, lenient_spaces_after_chunk_size=True
+            lenient_headers=True,
+            lenient_optional_cr_before_lf=True,
+            lenient_spaces_after_chunk_size=True,
         )
         return parser
 
@@ -285,6 +289,8 @@ class _RawProtocol(BaseProtocol):
             raise InvalidResponse("response header field too long (max_response_field_size)")
         if value and value[-1] in b" \t":
             value = value.rstrip(b" \t")
+        if b"\x00" in value:
+            raise InvalidResponse("NUL in a response header field")
         raw = self._raw
         raw.append((name, value))
         if len(raw) > self._max_headers:
