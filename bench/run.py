@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/run.py [--duration S] [--rounds N] [--server lean,aiohttp]
                                   [--workers 1,2] [--requests-for-memory N] [--no-inprocess]
+                                  [--memory-sync-interval S]
 
 One run, four phases (free ports, temp dirs, every process stopped by its PID at the end):
 
@@ -20,7 +21,10 @@ One run, four phases (free ports, temp dirs, every process stopped by its PID at
                CPU per request, and the proxy's CPU per request ÷ that, per round.
   3. memory    a fresh apitally-proxy (--memory-server, --memory-workers): RSS of each
                process at rest, then at checkpoints over N requests with hostile path
-               and consumer cardinality, and 2.5 s later.
+               and consumer cardinality, and 2.5 s later. It syncs every
+               --memory-sync-interval seconds (default 1, what every earlier run used;
+               10 is the proxy's own default for its first hour, when each interval,
+               and each sync payload, holds ten times the rows).
   4. report    a Markdown block (paste as is into docs/performance.md) on stdout, and
                bench/results/latest.json. Every ratio is taken per round, then the
                median of the rounds is reported.
@@ -459,6 +463,7 @@ def start_apitally(
     workers: int = 1,
     server: str | None = None,
     name: str = "apitally-proxy",
+    sync_interval: float = 1.0,
 ) -> subprocess.Popen[Any]:
     """apitally-proxy in local mode; `server` goes in APITALLY_PROXY_SERVER (a proxy that
     predates the setting ignores it). With workers > 1, returns once all of them report."""
@@ -470,7 +475,7 @@ def start_apitally(
         "--listen", f"{HOST}:{port}",
         "--admin-listen", f"{HOST}:{admin_port}",
         "--state-dir", str(state),
-        "--sync-interval", "1",
+        "--sync-interval", f"{sync_interval:g}",
         "--workers", str(workers),
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("APITALLY")}
@@ -1359,6 +1364,7 @@ def memory_phase(
     p = start_apitally(
         ps, workdir, port, admin_port, upstream_port, proxy_cpus,
         workers=workers, server=server, name=f"{label} memory",
+        sync_interval=args.memory_sync_interval,
     )  # fmt: skip
     try:
         procs = worker_procs(p.pid, workers)
@@ -1407,6 +1413,7 @@ def memory_phase(
     }
     return {
         "target": label,
+        "sync_interval_s": args.memory_sync_interval,
         "requests_target": n,
         "requests_sent": sent,
         "reached_target": reached,
@@ -1637,7 +1644,7 @@ def _md_memory(m: dict[str, Any]) -> list[str]:
         f"Memory: {m['target']}, freshly started; RSS (MB) at rest and after "
         f"{m['requests_sent']:,} requests with hostile cardinality (random ids, random path "
         f"segments and queries, up to a million consumers), {m['seconds']} s at "
-        f"{fmt(m['rps'], 0)} req/s:",
+        f"{fmt(m['rps'], 0)} req/s, syncing every {m.get('sync_interval_s', 1):g} s:",
         "",
         "| " + " | ".join(head) + " |",
         "| --- |" + " ---: |" * (len(head) - 1),
@@ -1717,6 +1724,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--memory-timeout", type=int, default=900, help="upper bound, seconds (900)")
     add("--memory-server", help="server for the memory run (first of --server)")
     add("--memory-workers", type=int, help="workers for the memory run (largest of --workers)")
+    add(
+        "--memory-sync-interval",
+        type=float,
+        default=1.0,
+        help="the memory run's --sync-interval, seconds (default 1; the proxy's own "
+        "default is 10 for the first hour)",
+    )
     add("--no-pin", action="store_true", help="no CPU pinning (proxies / wrk+upstream)")
     add("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results path")
     add("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
@@ -1735,6 +1749,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.memory_server not in SERVERS:
         ap.error(f"--memory-server must be one of {', '.join(SERVERS)}")
     args.memory_workers = args.memory_workers or max(args.worker_counts)
+    if args.memory_sync_interval <= 0:
+        ap.error("--memory-sync-interval must be > 0")
     return args
 
 
@@ -1786,6 +1802,7 @@ def run(args: argparse.Namespace, argv: list[str] | None, ps: ProcessSet, tmp: P
             "servers": args.servers,
             "workers": args.worker_counts,
             "requests_for_memory": args.requests_for_memory,
+            "memory_sync_interval_s": args.memory_sync_interval,
             "scenarios": {
                 s: {
                     "path": SCENARIOS[s][0],
