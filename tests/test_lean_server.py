@@ -861,9 +861,9 @@ async def test_a_bad_chunk_inside_a_forwarded_body_answers_400_and_closes(lean):
     assert record.status == 400
 
 
-async def test_good_requests_read_together_with_a_bad_one_are_never_forwarded(lean, spied):
-    # aiohttp's parser drops what it parsed of a read that ends in an error: those
-    # requests get no answer (documented limitation), but nothing reaches the app.
+async def test_good_requests_read_together_with_a_bad_one_are_answered_first(lean, spied):
+    # The parser hands out each request as it completes: those before the bad one in
+    # the same read are forwarded and answered in order, then the 400, then the close.
     upstream, seen = spied
     proxy = await lean(upstream.url)
     data = await exchange(
@@ -871,8 +871,17 @@ async def test_good_requests_read_together_with_a_bad_one_are_never_forwarded(le
         b"GET /items/1 HTTP/1.1\r\nHost: x\r\n\r\n"
         b"GET /items/2 HTTP/1.1\r\nHost: x\r\n\r\nBAD\r\n\r\n",
     )
-    assert data.startswith(b"HTTP/1.1 400 ") and data.count(b"HTTP/1.1 ") == 1
-    assert seen == [] and proxy.records == []
+    answers = data.split(b"HTTP/1.1 ")[1:]
+    assert [status_of(b"HTTP/1.1 " + a) for a in answers] == [200, 200, 400]
+    assert seen == ["/items/1", "/items/2"]
+    assert [r.status for r in await proxy.recorded(2)] == [200, 200]
+
+
+def test_the_parser_hands_over_what_it_completed_before_a_refusal():
+    with pytest.raises(HeadRefused) as refused:
+        _parse(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+    assert [head.target for head, _ in refused.value.messages] == [b"/a"]
+    assert refused.value.status == 400
 
 
 async def test_a_bad_request_after_answered_ones_is_refused_in_turn(lean):

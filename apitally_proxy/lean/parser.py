@@ -56,11 +56,14 @@ _METHODS: dict[bytes, str] = {}
 
 
 class HeadRefused(Exception):
-    """A request head the proxy refuses before anything is forwarded."""
+    """A request head the proxy refuses before anything is forwarded. `messages` are
+    the requests completed in the same read before the bad one: they are answered
+    first, in order."""
 
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
         self.status = status
+        self.messages: list[Message] = []
 
 
 class RequestHead:
@@ -220,18 +223,18 @@ class RequestParser:
         except httptools.HttpParserUpgrade as up:
             upgraded = True
             tail = data[up.args[0] :]
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
-            if isinstance(cause, HeadRefused):
-                raise cause from None
-            raise HeadRefused(400, str(exc)) from cause
         except httptools.HttpParserError as exc:
-            raise HeadRefused(400, str(exc)) from None
+            cause = exc.__context__
+            refused = cause if isinstance(cause, HeadRefused) else HeadRefused(400, str(exc))
+            refused.messages, self._messages = self._messages, []
+            raise refused from None
         if in_head and self._in_head:
             # The whole read went into one unfinished head.
             self._fed += len(data)
             if self._fed > self._max_head:
-                raise HeadRefused(431, "request head too large")
+                refused = HeadRefused(431, "request head too large")
+                refused.messages, self._messages = self._messages, []
+                raise refused
         messages = self._messages
         if messages:
             self._messages = []

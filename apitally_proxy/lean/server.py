@@ -399,6 +399,8 @@ class _Connection(BaseProtocol):
         try:
             messages, upgraded, tail = self._parser.feed_data(data)
         except HeadRefused as exc:
+            # The requests completed before the bad one are answered first, in turn.
+            self._queue.extend(exc.messages)
             self._refuse_stream(exc.status, exc)
             return
         if upgraded:
