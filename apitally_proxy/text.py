@@ -101,20 +101,38 @@ def dumps_lenient(payload: dict[str, Any]) -> tuple[bytes, int]:
     return orjson.dumps(kept), fixes[0]
 
 
-def json_rows(rows: Iterable[Any], chunk: int = 256) -> list[Any] | orjson.Fragment:
+# In aggregates whose rows came pre-serialized (`Meter.get_and_reset(serialized=True)`):
+# how many values their encoding repaired or dropped. No part of a payload: the sync
+# takes it out and hands it to the spool, which counts and reports it.
+UNENCODABLE = "unencodable"
+
+
+def json_rows(
+    rows: Iterable[Any], chunk: int = 256, problems: list[int] | None = None
+) -> list[Any] | orjson.Fragment:
     """A list of JSON-able rows as one pre-serialized JSON array, encoded `chunk` rows at
     a time (each chunk as `dumps_lenient` would: repaired, or the bad row dropped), so
     the whole list never exists as objects at once. `[]` when there are no rows.
+
+    `problems[0]` (when given) grows by the values repaired or dropped, as
+    `dumps_lenient` would have counted them in the whole list.
     """
     parts: list[bytes] = []
     batch: list[Any] = []
+    fixes = 0
     for row in rows:
         batch.append(row)
         if len(batch) >= chunk:
-            parts.append(_rows_body(batch))
+            body, n = _rows_body(batch)
+            parts.append(body)
+            fixes += n
             batch = []
     if batch:
-        parts.append(_rows_body(batch))
+        body, n = _rows_body(batch)
+        parts.append(body)
+        fixes += n
+    if problems is not None:
+        problems[0] += fixes
     if not parts:
         return []
     return orjson.Fragment(b"[" + b",".join(p for p in parts if p) + b"]")
@@ -123,7 +141,8 @@ def json_rows(rows: Iterable[Any], chunk: int = 256) -> list[Any] | orjson.Fragm
 _ROWS_OPEN, _ROWS_CLOSE = b'{"r":[', b"]}"
 
 
-def _rows_body(batch: list[Any]) -> bytes:
-    """The rows of one chunk, comma-separated, without the brackets."""
-    data = dumps_lenient({"r": batch})[0]
-    return data[len(_ROWS_OPEN) : -len(_ROWS_CLOSE)]
+def _rows_body(batch: list[Any]) -> tuple[bytes, int]:
+    """The rows of one chunk, comma-separated, without the brackets; and the values
+    repaired or dropped."""
+    data, fixes = dumps_lenient({"r": batch})
+    return data[len(_ROWS_OPEN) : -len(_ROWS_CLOSE)], fixes

@@ -12,6 +12,13 @@ second; after a crash it becomes a payload of its own (unless the payload it was
 about to become had already been spooled), so a SIGKILL loses at most the last
 second of counts.
 
+A hub sync payload is delivered as the bytes the spool holds (`Spool.read`), never
+parsed back into objects: under hostile cardinality one is megabytes of rows. The
+bytes are trusted when they begin and end as `sync_payload` lays a payload out
+(instance uuid, message uuid and timestamp first; resources last); anything else
+(a payload of an older layout, a damaged file) is parsed, and dropped if unreadable,
+as `Spool.load` does.
+
 All methods block on disk I/O: call them from a worker thread.
 """
 
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +48,28 @@ class SpoolEntry:
     created: float  # seconds since the epoch
     message_uuid: str
     size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """A spooled payload as its JSON bytes (exactly what is sent), with the fields the
+    delivery reads."""
+
+    data: bytes
+    message_uuid: str | None
+    timestamp: float | None
+
+
+# How `sync_payload`'s JSON begins and ends (orjson, compact, keys in insertion order).
+# Inside a JSON string every `"` is escaped, so these cannot match a value's text.
+_SYNC_HEAD = re.compile(
+    rb'\{"instance_uuid":"[^"\\]*","message_uuid":"([^"\\]*)",'
+    rb'"timestamp":(-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?),'
+)
+_SYNC_TAIL = re.compile(
+    rb',"resources":(?:null|\{"cpu_percent":[-+.eE0-9]+,"memory_rss":[0-9]+\})\}\Z'
+)
+_TAIL_BYTES = 128
 
 
 class Spool:
@@ -73,9 +103,14 @@ class Spool:
         out.sort(key=lambda e: e.path.name)
         return out
 
-    def put(self, payload: dict[str, Any]) -> SpoolEntry:
-        """Make a payload durable; enforce the byte bound by dropping the oldest."""
+    def put(self, payload: dict[str, Any], unencodable: int = 0) -> SpoolEntry:
+        """Make a payload durable; enforce the byte bound by dropping the oldest.
+
+        `unencodable`: values already repaired or dropped where the payload's rows were
+        pre-serialized (`text.json_rows`), counted and reported with this payload's own.
+        """
         data, problems = dumps_lenient(payload)
+        problems += unencodable
         if problems:
             self.unencodable += problems
             log.error(
@@ -100,6 +135,33 @@ class Spool:
             log.error("spooled payload %s is unreadable (%s); dropping it", entry.path, exc)
             self.remove(entry)
             return None
+
+    def read(self, entry: SpoolEntry) -> Encoded | None:
+        """A spooled payload as its bytes, unparsed when they are laid out as a sync
+        payload's (see the module docstring); otherwise as `load` would decode it."""
+        try:
+            data = entry.path.read_bytes()
+        except OSError as exc:
+            log.error("spooled payload %s is unreadable (%s); dropping it", entry.path, exc)
+            self.remove(entry)
+            return None
+        head = _SYNC_HEAD.match(data)
+        if head is not None and _SYNC_TAIL.search(data, max(0, len(data) - _TAIL_BYTES)):
+            return Encoded(data, head[1].decode("ascii", "replace"), float(head[2]))
+        try:
+            payload = orjson.loads(data)
+            if not isinstance(payload, dict):
+                raise orjson.JSONDecodeError("not a JSON object", "", 0)
+        except orjson.JSONDecodeError as exc:
+            log.error("spooled payload %s is unreadable (%s); dropping it", entry.path, exc)
+            self.remove(entry)
+            return None
+        timestamp = payload.get("timestamp")
+        return Encoded(
+            dumps_lenient(payload)[0],  # what sending the loaded payload would have sent
+            payload.get("message_uuid"),
+            timestamp if isinstance(timestamp, (int, float)) else None,
+        )
 
     def remove(self, entry: SpoolEntry) -> None:
         entry.path.unlink(missing_ok=True)

@@ -19,8 +19,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 from apitally_proxy.aio import Background, cancel_and_wait, wait_or_hurry
-from apitally_proxy.hub.spool import Spool
+from apitally_proxy.hub.spool import Encoded, Spool
 from apitally_proxy.hub.transport import Outcome, Transport
+from apitally_proxy.text import UNENCODABLE
 
 log = logging.getLogger("apitally_proxy.hub")
 
@@ -38,12 +39,15 @@ class AggregateSource(Protocol):
 
     def peek(self, serialized: bool = False) -> dict[str, Any]: ...
 
-    def get_and_reset(self) -> dict[str, Any]: ...
+    # serialized: the rows pre-serialized, and how many of their values had to be
+    # repaired or dropped under the key `text.UNENCODABLE` (no part of the payload).
+    def get_and_reset(self, serialized: bool = False) -> dict[str, Any]: ...
 
 
 class Codec(Protocol):
     # Optional (default False): the codec only encodes an interval's rows as JSON, so
-    # checkpoints may hand them over pre-serialized (`AggregateSource.peek(serialized=True)`).
+    # checkpoints and syncs may hand them over pre-serialized
+    # (`AggregateSource.peek(serialized=True)`, `get_and_reset(serialized=True)`).
     # serialized_rows: bool
 
     def interval(
@@ -87,6 +91,11 @@ class HubSync:
         self._startup = startup
         self._codec = codec
         self._serialized_rows = bool(getattr(codec, "serialized_rows", False))
+        # Spooled payloads go out as the bytes the spool holds, never parsed back into
+        # objects, where the transport takes bytes (the hub's and local mode's).
+        self._send_encoded: Callable[[str, bytes], Awaitable[Outcome]] | None = getattr(
+            transport, "send_encoded", None
+        )
         self._interval = interval
         self._default_interval = default_interval
         self._interval_start_ns = time.time_ns()
@@ -238,7 +247,10 @@ class HubSync:
     async def close_interval(self) -> None:
         """Turn the open interval into durable payloads and start a new interval."""
         async with self._state_lock:
-            aggregates = self._source.get_and_reset()
+            # Pre-serialized rows where the codec allows (the hub's): built row by row
+            # straight from the counters, on the loop, with no dict per row of the interval.
+            aggregates = self._source.get_and_reset(serialized=self._serialized_rows)
+            unencodable = aggregates.pop(UNENCODABLE, 0)
             start_ns, end_ns = self._interval_start_ns, time.time_ns()
             self._interval_start_ns = end_ns
             mu = self._next_message_uuid
@@ -246,16 +258,22 @@ class HubSync:
             if self.stopped:
                 return
             payloads = await self._io(self._codec.interval, aggregates, mu, start_ns, end_ns)
-            unspooled = await self._io(self._spool_payloads, payloads)
+            del aggregates  # the rows live on in the payloads only until they are spooled
+            unspooled = await self._io(self._spool_payloads, payloads, unencodable)
             self._unspooled.extend(unspooled)
             self.queued += len(payloads)
 
-    def _spool_payloads(self, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _spool_payloads(
+        self, payloads: list[dict[str, Any]], unencodable: int = 0
+    ) -> list[dict[str, Any]]:
         """Spool in order (the interval's own payload last, so a checkpoint can tell what
-        is missing); returns what the spool could not take (disk full), kept in memory."""
+        is missing); returns what the spool could not take (disk full), kept in memory.
+        `unencodable`: values the rows' encoding repaired or dropped, counted with the
+        interval's own payload."""
+        last = len(payloads) - 1
         for i, payload in enumerate(payloads):
             try:
-                self.spool.put(payload)
+                self.spool.put(payload, unencodable if i == last else 0)
             except OSError as exc:
                 log.error("cannot write to the spool (%s); keeping the payload in memory", exc)
                 return payloads[i:]
@@ -317,20 +335,42 @@ class HubSync:
             self._unspooled.pop(0)
         await self._io(self.spool.drop_expired)
         for entry in await self._io(self.spool.entries):
-            payload = await self._io(self.spool.load, entry)
-            if payload is None:
-                continue
-            if not await self._send_one(payload):
+            if self._send_encoded is not None:
+                encoded = await self._io(self.spool.read, entry)
+                if encoded is None:
+                    continue
+                done = await self._send_spooled(encoded)
+                del encoded
+            else:
+                payload = await self._io(self.spool.load, entry)
+                if payload is None:
+                    continue
+                done = await self._send_one(payload)
+            if not done:
                 return
             await self._io(self.spool.remove, entry)
 
     async def _send_one(self, payload: dict[str, Any]) -> bool:
         """True when the payload is done with (accepted or rejected for good)."""
-        if time.time() - payload.get("timestamp", time.time()) > self.spool.max_age:
-            self.spool.dropped_expired += 1
-            log.warning("dropped a sync payload older than %.0f s", self.spool.max_age)
+        if self._expired(payload.get("timestamp")):
             return True
-        outcome = await self.transport.send("sync", payload)
+        return self._done(await self.transport.send("sync", payload))
+
+    async def _send_spooled(self, payload: Encoded) -> bool:
+        """`_send_one` for a payload as the spool holds it (sent as these bytes)."""
+        assert self._send_encoded is not None
+        if self._expired(payload.timestamp):
+            return True
+        return self._done(await self._send_encoded("sync", payload.data))
+
+    def _expired(self, timestamp: float | None) -> bool:
+        if timestamp is None or time.time() - timestamp <= self.spool.max_age:
+            return False
+        self.spool.dropped_expired += 1
+        log.warning("dropped a sync payload older than %.0f s", self.spool.max_age)
+        return True
+
+    def _done(self, outcome: Outcome) -> bool:
         if outcome is Outcome.RETRY:
             return False  # keep it (and everything after it) for the next sync
         if outcome is Outcome.STOP:

@@ -33,6 +33,10 @@ class Transport(Protocol):
 
     async def send(self, kind: str, payload: dict[str, Any]) -> Outcome: ...
 
+    # Optional: `send_encoded(kind, body: bytes) -> Outcome` sends a payload already
+    # encoded as JSON (as the spool holds it) as is; the sync then delivers spooled
+    # payloads without parsing them. The hub transports have it, OTLP's does not.
+
     async def close(self) -> None: ...
 
 
@@ -69,7 +73,11 @@ class HubTransport:
         return self._session
 
     async def send(self, kind: str, payload: dict[str, Any]) -> Outcome:
-        body = dumps_lenient(payload)[0]  # spooled payloads were repaired (and counted) there
+        # Spooled payloads were repaired (and counted) there.
+        return await self.send_encoded(kind, dumps_lenient(payload)[0])
+
+    async def send_encoded(self, kind: str, body: bytes) -> Outcome:
+        """POST a payload's JSON bytes as they are (retries and backoff as `send`)."""
         url = f"{self.base}/{kind}"
         for attempt in range(self._tries):
             if attempt:
@@ -174,27 +182,68 @@ class LocalTransport:
         return [orjson.Fragment(b) for b in self._recent]
 
     async def send(self, kind: str, payload: dict[str, Any]) -> Outcome:
-        record = {"kind": kind, "written_at": time.time(), "payload": payload}
-        line = dumps_lenient(record)[0] + b"\n"
+        body = dumps_lenient(payload)[0]
+        rows = {k: len(v) for k, v in payload.items() if isinstance(v, list)}
+        return self._write(kind, body, rows)
+
+    async def send_encoded(self, kind: str, body: bytes) -> Outcome:
+        """`send` for a payload already encoded (the same line); a large one's row
+        counts on the status page are read off its bytes (`sync_row_counts`)."""
+        return self._write(kind, body, None)
+
+    def _write(self, kind: str, body: bytes, rows: dict[str, int] | None) -> Outcome:
+        # The line is `{"kind", "written_at", "payload"}` as one orjson.dumps would
+        # write it, in three writes: the payload (megabytes) is never copied.
+        head = _json_head({"kind": kind, "written_at": time.time()})
+        size = len(head) + len(body) + 2
         try:
-            if self.path.exists() and self.path.stat().st_size + len(line) > self._max_bytes:
+            if self.path.exists() and self.path.stat().st_size + size > self._max_bytes:
                 os.replace(self.path, self.path.with_suffix(".jsonl.1"))
             with open(self.path, "ab") as f:
-                f.write(line)
+                f.write(head)
+                f.write(body)
+                f.write(b"}\n")
         except OSError as exc:
             self.last_error = f"writing {self.path} failed: {exc}"
             log.warning("%s", self.last_error)
             return Outcome.RETRY
         self.last_error = None
         self.last_success = time.time()
-        shown = dumps_lenient({"kind": kind, "payload": payload})[0]
-        if len(shown) > RECENT_PAYLOAD_BYTES:
-            rows = {k: len(v) for k, v in payload.items() if isinstance(v, list)}
+        head = _json_head({"kind": kind})
+        shown_bytes = len(head) + len(body) + 1
+        if shown_bytes > RECENT_PAYLOAD_BYTES:
             shown = orjson.dumps(
-                {"kind": kind, "truncated": True, "bytes": len(shown), "rows": rows}
+                {
+                    "kind": kind,
+                    "truncated": True,
+                    "bytes": shown_bytes,
+                    "rows": rows if rows is not None else sync_row_counts(body),
+                }
             )
+        else:
+            shown = head + body + b"}"
         self._recent.append(shown)
         return Outcome.ACCEPTED
 
     async def close(self) -> None:
         return None
+
+
+def _json_head(record: dict[str, Any]) -> bytes:
+    """`orjson.dumps({**record, "payload": X})` up to where X begins (record not empty)."""
+    return orjson.dumps(record)[:-1] + b',"payload":'
+
+
+# A key every row of a sync payload's list has, and no other row of it. In JSON bytes
+# `"key":` can only be a key: inside a string every `"` is escaped.
+SYNC_ROW_KEYS = {
+    "requests": b'"request_count":',
+    "validation_errors": b'"loc":',
+    "server_errors": b'"traceback":',
+    "consumers": b'"identifier":',
+}
+
+
+def sync_row_counts(body: bytes) -> dict[str, int]:
+    """The row counts of a sync payload's lists, read off its JSON bytes (no parsing)."""
+    return {key: body.count(marker) for key, marker in SYNC_ROW_KEYS.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
@@ -75,11 +76,24 @@ class ConsumerRegistry:
 
     def peek_updated_consumers(self) -> list[dict[str, Any]]:
         """New or changed consumers so far, without marking them reported."""
-        out = []
-        for ident in self._updated:
-            name, group = self._known[ident]
-            out.append({"identifier": ident, "name": name, "group": group})
-        return out
+        return list(self.iter_updated_consumers())
+
+    def iter_updated_consumers(self) -> Iterator[dict[str, Any]]:
+        """`peek_updated_consumers`, one row at a time (read it to the end before the
+        registry changes again)."""
+        return self._rows(self._updated)
+
+    def take_updated_consumers(self) -> Iterator[dict[str, Any]]:
+        """`get_and_reset_updated_consumers`, one row at a time (marked reported now)."""
+        updated, self._updated = self._updated, set()
+        return self._rows(updated)
+
+    def _rows(self, idents: set[str]) -> Iterator[dict[str, Any]]:
+        known = self._known
+        for ident in idents:
+            entry = known.get(ident)
+            if entry is not None:  # (forgotten since, when not read at once)
+                yield {"identifier": ident, "name": entry[0], "group": entry[1]}
 
     def get_and_reset_updated_consumers(self) -> list[dict[str, Any]]:
         """The `consumers` list of a sync payload: new or changed since the last call."""

@@ -18,7 +18,7 @@ from apitally_proxy.metering.validation import (
     extract_validation_errors,
 )
 from apitally_proxy.routes import RouteOverrides
-from apitally_proxy.text import json_rows
+from apitally_proxy.text import UNENCODABLE, json_rows
 
 log = logging.getLogger("apitally_proxy.metering")
 
@@ -198,7 +198,7 @@ class Meter:
                 "requests": json_rows(requests.iter_requests()),
                 "validation_errors": json_rows(self.validation_errors.iter_validation_errors()),
                 "server_errors": [],
-                "consumers": self.consumers.peek_updated_consumers(),
+                "consumers": json_rows(self.consumers.iter_updated_consumers()),
             }
         return {
             "requests": requests.peek_requests(),
@@ -207,8 +207,16 @@ class Meter:
             "consumers": self.consumers.peek_updated_consumers(),
         }
 
-    def get_and_reset(self) -> dict[str, Any]:
-        """The aggregate part of a sync payload; the meter starts a new interval."""
+    def get_and_reset(self, serialized: bool = False) -> dict[str, Any]:
+        """The aggregate part of a sync payload; the meter starts a new interval.
+
+        `serialized` (the hub's syncs, read only as JSON): the rows come as
+        pre-serialized JSON arrays, as `peek(serialized=True)` makes them, and the
+        key `UNENCODABLE` says how many values in them had to be repaired or dropped
+        (for the spool to count and report; it is no part of the payload). A sync
+        built a dict per row of the interval, then the spool encoded them: under
+        hostile cardinality with 10 s syncs, tens of thousands of dicts at once.
+        """
         renames = self.resolver.take_renames()
         if renames:  # positions learned during the interval: its early keys join them
             self.requests.rename_paths(renames)
@@ -222,8 +230,20 @@ class Meter:
                 overflow - self._overflow_reported,
             )
             self._overflow_reported = overflow
+        requests = self.requests
+        if serialized and isinstance(requests, RequestCounter):
+            problems = [0]
+            return {
+                "requests": json_rows(requests.take_requests(), problems=problems),
+                "validation_errors": json_rows(
+                    self.validation_errors.take_validation_errors(), problems=problems
+                ),
+                "server_errors": [],
+                "consumers": json_rows(self.consumers.take_updated_consumers(), problems=problems),
+                UNENCODABLE: problems[0],
+            }
         return {
-            "requests": self.requests.get_and_reset_requests(),
+            "requests": requests.get_and_reset_requests(),
             "validation_errors": self.validation_errors.get_and_reset_validation_errors(),
             "server_errors": [],
             "consumers": self.consumers.get_and_reset_updated_consumers(),

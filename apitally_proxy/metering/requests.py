@@ -153,6 +153,12 @@ class RequestCounter(KeyedCounter[_Aggregate]):
         it to the end before the counter changes again)."""
         return (row(key, agg) for key, agg in self._aggregates.items())
 
+    def take_requests(self) -> Iterator[dict[str, Any]]:
+        """The interval's rows, one at a time; the counter starts empty again now (for a
+        sync payload serialized as it goes)."""
+        aggregates = self._take()
+        return (row(key, agg) for key, agg in aggregates.items())
+
     @staticmethod
     def _rows(aggregates: dict[RequestKey, _Aggregate]) -> list[dict[str, Any]]:
         return [row(key, agg) for key, agg in aggregates.items()]

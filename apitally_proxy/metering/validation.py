@@ -318,6 +318,11 @@ class ValidationErrorCounter:
         """The rows so far, one at a time (read to the end before the counter changes)."""
         return (_row(key, n) for key, n in self._counts.items())
 
+    def take_validation_errors(self) -> Iterator[dict[str, Any]]:
+        """The interval's rows, one at a time; the counter starts empty again now."""
+        counts, self._counts = self._counts, {}
+        return (_row(key, n) for key, n in counts.items())
+
     @staticmethod
     def _rows(counts: dict[ErrorKey, int]) -> list[dict[str, Any]]:
         return [_row(key, n) for key, n in counts.items()]
