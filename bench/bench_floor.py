@@ -55,8 +55,7 @@ to nginx are taken per round, medians reported. Hold /tmp/apitally-bench.lock
              one (bodies to the close, 1xx, truncated, chunked): pipelining, HEAD,
              HTTP/1.0, chunked request bodies, X-Forwarded-For, 400 on a bad head.
 
-Needs httptools in the venv (`.venv/bin/pip install httptools`; not a project
-dependency) and, for --perf, `perf`.
+Uses httptools (a project dependency: the lean server's parser) and, for --perf, `perf`.
 """
 
 from __future__ import annotations
