@@ -159,6 +159,19 @@ class Exchange:
         self.response_headers: CIMultiDict[str] | None = None
         self.response_body: BodyCapture | None = None
 
+    # The response time is set here only: time to the upstream's response head, or to
+    # the end of an exchange that never got one (a failure, a refusal, a cut).
+
+    def answered(self, started: float) -> None:
+        """The upstream's response head arrived (`started`: perf_counter at the start)."""
+        self.response_time = time.perf_counter() - started
+        self.got_headers = True
+
+    def ended(self, started: float) -> None:
+        """The exchange is over: without a response head, its time runs to here."""
+        if not self.got_headers:
+            self.response_time = time.perf_counter() - started
+
 
 Recorder = Callable[[Exchange], None]
 
@@ -347,8 +360,7 @@ class ReverseProxy:
         finally:
             self.in_flight -= 1
             self._tasks.discard(task)
-            if not exchange.got_headers:  # failed before the upstream answered
-                exchange.response_time = time.perf_counter() - started
+            exchange.ended(started)  # failed before the upstream answered: time to here
             if exchange.refused:
                 self.refused += 1  # never reached the app: not metered
             else:
@@ -407,8 +419,7 @@ class ReverseProxy:
             )
         except Exception as exc:
             return self._error_response(exchange, exc)
-        exchange.response_time = time.perf_counter() - started
-        exchange.got_headers = True
+        exchange.answered(started)
         try:
             return await self._relay(request, upstream, exchange)
         finally:

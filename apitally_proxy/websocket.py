@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from typing import Protocol
 
 import aiohttp
@@ -36,6 +35,8 @@ class Observed(Protocol):
     got_headers: bool
     request_size: int | None
     response_size: int
+
+    def answered(self, started: float) -> None: ...
 
 
 def wants_websocket(method: str, headers: CIMultiDictProxy[str]) -> bool:
@@ -160,13 +161,11 @@ class WebSocketRelay:
             # The upstream answered the upgrade with something else (401, 302…): the
             # client gets that answer, headers and body, minus hop-by-hop headers.
             exchange.status = refused.status
-            exchange.got_headers = True
-            exchange.response_time = time.perf_counter() - started
+            exchange.answered(started)
             response = web.Response(status=refused.status, reason=refused.reason, body=refused.body)
             response.headers.extend(pass_back_fields(refused.headers))
             return response
-        exchange.response_time = time.perf_counter() - started
-        exchange.got_headers = True
+        exchange.answered(started)
         client_ws = web.WebSocketResponse(
             protocols=[upstream_ws.protocol] if upstream_ws.protocol else (),
             autoclose=False,

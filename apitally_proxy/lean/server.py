@@ -634,8 +634,7 @@ class _Connection(BaseProtocol):
             keep = False
         finally:
             server.in_flight -= 1
-            if not exchange.got_headers:
-                exchange.response_time = time.perf_counter() - started
+            exchange.ended(started)
             try:
                 server.recorder(exchange)
             except Exception:  # metering must never break proxying
@@ -709,8 +708,7 @@ class _Connection(BaseProtocol):
             )
         except Exception as exc:
             return self._failed(exc, exchange, keep, msg.version)
-        exchange.response_time = time.perf_counter() - started
-        exchange.got_headers = True
+        exchange.answered(started)
         if has_body and not payload.is_eof():
             keep = False  # answered early (a 413…): the client is told the connection ends
         try:

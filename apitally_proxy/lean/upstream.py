@@ -173,18 +173,21 @@ class _RawProtocol(BaseProtocol):
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
 
-    async def read(self) -> _Answer:
-        """The next answer head (interim or final), once parsed."""
-        if not self._answers:
-            if self._exc is not None:
-                raise self._exc
-            if self.transport is None:
-                raise ServerDisconnectedError()
-            self._waiter = waiter = self._loop.create_future()
-            try:
-                await waiter
-            finally:
-                self._waiter = None
+    def wait(self) -> asyncio.Future[None] | None:
+        """None when an answer head is ready to `take`, else a future to await first
+        (no coroutine frame per read: the exchange awaits the future itself)."""
+        if self._answers:
+            return None
+        if self._exc is not None:
+            raise self._exc
+        if self.transport is None:
+            raise ServerDisconnectedError()
+        self._waiter = waiter = self._loop.create_future()
+        return waiter
+
+    def take(self) -> _Answer:
+        """The next answer head (interim or final); after `wait`."""
+        self._waiter = None
         return self._answers.popleft()
 
     # Flow control: a full StreamReader pauses the socket (no parser to pause).
@@ -523,7 +526,10 @@ class LeanUpstream(UpstreamPool):
         interim = 0
         try:
             while True:
-                answer = await proto.read()
+                waiter = proto.wait()
+                if waiter is not None:
+                    await waiter
+                answer = proto.take()
                 code = answer.status
                 if not (100 <= code < 200) or code == 101:
                     break
