@@ -242,3 +242,30 @@ def test_long_paths_are_not_cached():
     for i in range(100):
         r.resolve("GET", "/" + "a" * (MAX_CACHED_PATH + 10) + str(i))
     assert r._cache == {}
+
+
+def test_each_shaped_path_is_taught_once_up_to_max_taught(monkeypatch):
+    """The taught hashes (a flat table that grows) behave as a set capped at MAX_TAUGHT."""
+    import random
+
+    from apitally_proxy import routes
+
+    r = RouteResolver(max_templates_per_method=10)
+    taught: list[str] = []
+    monkeypatch.setattr(r.learner, "teach", lambda shaped: taught.append(shaped) or False)
+    rng = random.Random(7)
+    expected: list[str] = []
+    seen: set[int] = set()
+    words = ["".join(rng.choice("abcdefghij") for _ in range(8)) for _ in range(90_000)]
+    for i in range(90_000):
+        path = "/" + words[i] if i % 3 else "/" + words[rng.randrange(500)]
+        learn = i % 11 != 0
+        r.resolve("GET", path, learn=learn)
+        key = hash(template_segments(path))
+        if learn and len(seen) < routes.MAX_TAUGHT and key not in seen:
+            seen.add(key)
+            expected.append(template_segments(path))
+    assert taught == expected
+    assert r.taught == len(seen) == routes.MAX_TAUGHT
+    assert len(r._taught) <= 1 << 17  # 1 MB, where a set of 50k ints took 3.8 MB
+    assert {k for k in r._taught if k != -1} == seen
