@@ -323,7 +323,7 @@ class RequestParser:
 def _absolute(head: RequestHead) -> None:
     """An absolute-form target (`GET http://host/path`): its authority and path."""
     try:
-        url = URL(head.path, encoded=True)
+        url = head.url
         authority = url.raw_authority
     except ValueError as exc:
         raise HeadRefused(400, f"invalid request target: {exc}") from None

@@ -43,23 +43,12 @@ class _Answer:
     whole body came (most responses: in the read that brought the head), else
     `content`, a StreamReader fed as the rest arrives."""
 
-    __slots__ = (
-        "body",
-        "chunked",
-        "complete",
-        "content",
-        "parts",
-        "raw_headers",
-        "reason",
-        "status",
-    )
+    __slots__ = ("body", "content", "parts", "raw_headers", "reason", "status")
 
-    def __init__(self, status: int, reason: str, raw_headers: RawHeaders, chunked: bool) -> None:
+    def __init__(self, status: int, reason: str, raw_headers: RawHeaders) -> None:
         self.status = status
         self.reason = reason
         self.raw_headers = raw_headers
-        self.chunked = chunked
-        self.complete = False
         self.body = b""
         self.parts: list[bytes] = []
         self.content: StreamReader | None = None
@@ -108,8 +97,7 @@ class _RawProtocol(BaseProtocol):
         self._fed = 0
         self._reason = b""
         self._raw: list[tuple[bytes, bytes]] = []
-        self._chunked = False
-        self._http_length_unknown = True  # neither Content-Length nor chunked: ends at EOF
+        self._ends_at_eof = True  # neither Content-Length nor chunked: the body ends at EOF
         self._deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
 
@@ -253,9 +241,8 @@ class _RawProtocol(BaseProtocol):
         if current is not None:
             self._current = None
             content = current.content
-            if not current.chunked and self._http_length_unknown:
+            if self._ends_at_eof:
                 # A close-delimited body (neither Content-Length nor chunked) ends here.
-                current.complete = True
                 if content is not None:
                     content.feed_eof()
             elif content is not None:
@@ -276,8 +263,7 @@ class _RawProtocol(BaseProtocol):
         self._fed = 0
         self._reason = b""
         self._raw = []
-        self._chunked = False
-        self._http_length_unknown = True
+        self._ends_at_eof = True
 
     def on_status(self, reason: bytes) -> None:
         reason = self._reason + reason if self._reason else reason
@@ -300,27 +286,22 @@ class _RawProtocol(BaseProtocol):
             raise InvalidResponse("too many response header fields (max_response_headers)")
         n = len(name)
         if n == 17 and name.lower() == b"transfer-encoding":
-            self._chunked = value.lower().endswith(b"chunked")
-            self._http_length_unknown = not self._chunked
+            self._ends_at_eof = not value.lower().endswith(b"chunked")
         elif n == 14 and name.lower() == b"content-length":
-            self._http_length_unknown = False
+            self._ends_at_eof = False
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         http = self._http
         status = http.get_status_code()
-        answer = _Answer(
-            status, self._reason.decode("utf-8", "surrogateescape"), self._raw, self._chunked
-        )
+        answer = _Answer(status, self._reason.decode("utf-8", "surrogateescape"), self._raw)
         self._answers.append(answer)
         if 100 <= status < 200 and status != 101:
-            answer.complete = True  # interim: the final answer follows on this connection
-            return
+            return  # interim: the final answer follows on this connection
         if not http.should_keep_alive():
             self._closing = True
         if self._head_request or status in (101, 204, 304):
-            answer.complete = True
-            self._deadline = None
+            self._deadline = None  # bodiless: complete with its head
             self._skipped = self._head_request
             return
         self._current = answer
@@ -341,7 +322,6 @@ class _RawProtocol(BaseProtocol):
             return
         self._current = None
         self._deadline = None  # the answer is complete: nothing more is owed
-        current.complete = True
         content = current.content
         if content is not None:
             content.feed_eof()
@@ -385,7 +365,6 @@ class LeanResponse:
         "_proto",
         "_upload",
         "body",
-        "chunked",
         "content",
         "raw_headers",
         "reason",
@@ -402,7 +381,6 @@ class LeanResponse:
         self.status = answer.status
         self.reason = answer.reason
         self.raw_headers = answer.raw_headers
-        self.chunked = answer.chunked
         self.body = answer.body
         self.content = answer.content
 
