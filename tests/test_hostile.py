@@ -246,6 +246,14 @@ class FaultyUpstream:
                     await writer.drain()
                     writer.transport.abort()
                     return
+                if path in (b"/reset-mid-chunked", b"/hang-mid-chunked"):
+                    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                    writer.write(b"a\r\n" + b"x" * 10 + b"\r\n")
+                    await writer.drain()
+                    if path == b"/hang-mid-chunked":
+                        await asyncio.sleep(30)
+                    writer.transport.abort()
+                    return
                 if path == b"/garbage":
                     writer.write(b"\x00\x01\x02 not http\r\n\r\n")
                     await writer.drain()
@@ -273,7 +281,7 @@ class FaultyUpstream:
 
 
 async def test_each_upstream_fault_gives_its_status_and_is_counted_once(
-    hub, http, start_proxy, hub_args, tmp_path
+    hub, http, start_proxy, hub_args, tmp_path, both_servers
 ):
     faulty = await FaultyUpstream().start()
     cfg = tmp_path / "p.toml"
@@ -286,12 +294,21 @@ async def test_each_upstream_fault_gives_its_status_and_is_counted_once(
         "/close-after": 200,
         "/ok": 200,
     }
+    # The lean server holds a short answer of known length until its body is whole, so
+    # a body the upstream breaks off is still a clear error; the aiohttp server has
+    # sent the status line by then, and can only cut the body short (as it does on
+    # both servers for a chunked one).
+    cut = ["/reset-mid-chunked", "/hang-mid-chunked"]
+    if both_servers == "lean":
+        expect |= {"/reset-mid-body": 502, "/hang-mid-body": 504}
+    else:
+        cut += ["/reset-mid-body", "/hang-mid-body"]
     try:
         for path, status in expect.items():
             async with http.get(proxy.url + path) as r:
                 assert r.status == status, path
                 await r.read()
-        for path in ("/reset-mid-body", "/hang-mid-body"):
+        for path in cut:
             with pytest.raises(aiohttp.ClientPayloadError):
                 async with http.get(proxy.url + path) as r:
                     assert r.status == 200
@@ -302,18 +319,14 @@ async def test_each_upstream_fault_gives_its_status_and_is_counted_once(
     finally:
         await faulty.stop()
     counts = {path: n for (_, _, path, _), n in hub.request_counts().items() if path != "/ok"}
-    assert sum(hub.request_counts().values()) == len(expect) + 3
-    assert counts == {
-        "/reset-before-headers": 1,
-        "/garbage": 1,
-        "/hang": 1,
-        "/close-after": 1,
-        "/reset-mid-body": 1,
-        "/hang-mid-body": 1,
-    }
+    assert sum(hub.request_counts().values()) == len(expect) + len(cut) + 1
+    assert counts == {path: 1 for path in [*expect, *cut] if path != "/ok"}
     statuses = {(path, status) for (_, _, path, status) in hub.request_counts()}
     assert ("/hang", 504) in statuses and ("/garbage", 502) in statuses
-    assert ("/reset-mid-body", 200) in statuses  # the status line the client got
+    for path in cut:
+        assert (path, 200) in statuses  # the status line the client got
+    if both_servers == "lean":
+        assert ("/reset-mid-body", 502) in statuses and ("/hang-mid-body", 504) in statuses
 
 
 async def test_upstream_restart_gives_502_then_recovers(hub, http, start_proxy, hub_args):

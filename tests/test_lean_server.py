@@ -1336,3 +1336,209 @@ async def test_an_upstream_speaking_on_an_idle_connection_is_not_reused(lean):
     await asyncio.sleep(0.2)
     ((_, second),) = await _get_all(proxy.port, ["/b"])
     assert (first, second) == (b"a", b"a")  # the 408 was never taken as an answer
+
+
+# --------------------------------------------------------------------------- the direct path
+# A body-less request with an idle pooled upstream connection at hand is sent from the
+# client's read and answered from the upstream's read, with no task; anything else
+# (interim answers, a body to stream, failures, the stale retry) is handed to a task.
+
+
+@pytest.fixture
+def direct_count(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """How many requests took the direct path, and how many were handed to a task."""
+    from apitally_proxy.lean import server as lean_server
+    from apitally_proxy.lean import upstream as lean_upstream
+
+    counts = {"direct": 0, "handed_over": 0}
+    send_now = lean_upstream.LeanUpstream.send_now
+    finish = lean_upstream.LeanUpstream.finish
+
+    def counting_send_now(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        proto = send_now(self, *args, **kwargs)
+        counts["direct"] += proto is not None
+        return proto
+
+    async def counting_finish(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        counts["handed_over"] += 1
+        return await finish(self, *args, **kwargs)
+
+    monkeypatch.setattr(lean_upstream.LeanUpstream, "send_now", counting_send_now)
+    monkeypatch.setattr(lean_upstream.LeanUpstream, "finish", counting_finish)
+    assert lean_server.LeanServer  # the server module is the one using them
+    return counts
+
+
+async def test_a_warm_pool_answers_from_the_upstream_read(lean, direct_count):
+    proxy = await lean()
+    answers = await _get_all(proxy.port, [f"/items/{i}" for i in range(5)] + ["/status/201"])
+    assert [status_of(head) for head, _ in answers] == [200] * 5 + [201]
+    assert answers[3][1] == b'{"id": "3", "ok": true}'
+    # The first opened the upstream connection (a task); the others went direct.
+    assert direct_count == {"direct": 5, "handed_over": 0}
+    records = await proxy.recorded(6)
+    assert [(r.path, r.status) for r in records][-2:] == [("/items/4", 200), ("/status/201", 201)]
+    assert all(r.got_headers and r.response_time > 0 for r in records)
+    assert proxy.server.in_flight == 0
+
+
+async def test_pipelined_requests_on_a_warm_pool_keep_their_order(lean, direct_count):
+    proxy = await lean()
+    await _get_all(proxy.port, ["/items/0"])
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"".join(b"GET /items/%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(1, 9)))
+    bodies = [(await read_response(reader))[1] for _ in range(8)]
+    writer.close()
+    assert bodies == [b'{"id": "%d", "ok": true}' % i for i in range(1, 9)]
+    assert direct_count["direct"] == 8
+
+
+async def test_a_short_answer_split_across_reads_is_held_until_whole(lean, direct_count):
+    async def split(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+                await writer.drain()
+                for part in (b"hel", b"lowo", b"rld"):
+                    await asyncio.sleep(0.02)
+                    writer.write(part)
+                    await writer.drain()
+        writer.close()
+
+    _, port = await raw_server(split)
+    proxy = await lean(f"http://127.0.0.1:{port}")
+    answers = await _get_all(proxy.port, ["/a", "/b", "/c"])
+    assert [body for _, body in answers] == [b"helloworld"] * 3
+    assert direct_count == {"direct": 2, "handed_over": 0}  # never streamed
+    assert [r.response_size for r in await proxy.recorded(3)] == [10] * 3
+
+
+async def test_what_a_warm_pool_cannot_answer_at_once_is_handed_to_a_task(lean, direct_count):
+    up = Scripted(
+        [
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"z" * 100_000,
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        ]
+    )
+    proxy = await lean(await up.start())
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await read_response(reader))[1] == b"ok"
+        writer.write(b"GET /hints HTTP/1.1\r\nHost: x\r\n\r\n")
+        interim = await reader.readuntil(b"\r\n\r\n")
+        assert interim == b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+        assert (await read_response(reader))[1] == b"final"
+        writer.write(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await read_response(reader))[1] == b"z" * 100_000
+        writer.write(b"GET /chunked HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert b"Transfer-Encoding: chunked" in head
+        assert await reader.readuntil(b"0\r\n\r\n") == b"3\r\nabc\r\n0\r\n\r\n"
+    finally:
+        writer.close()
+    # The interim answer and the 100 KB body went to a task; the chunked answer came
+    # whole in one read and was answered at once.
+    assert direct_count == {"direct": 3, "handed_over": 2}
+    assert [r.response_size for r in await proxy.recorded(4)] == [2, 5, 100_000, 3]
+    assert [conn for conn, _ in up.seen] == [1, 1, 1, 1]
+
+
+async def test_a_short_answer_broken_off_is_a_502_never_a_short_body(lean, direct_count):
+    connections = 0
+
+    async def cutting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if b"/cut" in head:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\nonly part")
+                    await writer.drain()
+                    break
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        writer.close()
+
+    _, port = await raw_server(cutting)
+    proxy = await lean(f"http://127.0.0.1:{port}")
+    answers = await _get_all(proxy.port, ["/a", "/cut"])
+    assert status_of(answers[1][0]) == 502
+    ((_, body),) = await _get_all(proxy.port, ["/b"])
+    assert body == b"ok"
+    records = await proxy.recorded(3)
+    assert [(r.status, r.upstream_error) for r in records] == [
+        (200, None),
+        (502, "reset"),
+        (200, None),
+    ]
+    assert proxy.server.retries == 0  # the upstream saw it: never sent twice
+    assert connections == 2 and direct_count["direct"] == 1
+
+
+async def test_a_warm_request_times_out_as_504(lean, direct_count):
+    proxy = await lean(upstream_timeout=0.3)
+    answers = await _get_all(proxy.port, ["/items/1", "/slow?delay=2", "/items/2"])
+    assert [status_of(head) for head, _ in answers] == [200, 504, 200]
+    assert [r.status for r in await proxy.recorded(3)] == [200, 504, 200]
+    assert proxy.server.upstream_errors == {"timeout": 1}
+    assert direct_count["handed_over"] == 1
+
+
+async def test_a_client_leaving_a_direct_request_is_499_and_frees_the_upstream(
+    lean, upstream, direct_count
+):
+    proxy = await lean()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"GET /items/1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await read_response(reader)
+    writer.write(b"GET /slow?delay=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    assert direct_count["direct"] == 1 and proxy.server.in_flight == 1
+    writer.transport.abort()
+    records = await proxy.recorded(2)
+    assert [(r.path, r.status) for r in records] == [("/items/1", 200), ("/slow", 499)]
+    assert proxy.server.in_flight == 0
+    assert not proxy.server.pool._idle  # its upstream connection, still owed an answer, closed
+    ((head, _),) = await _get_all(proxy.port, ["/items/2"])
+    assert status_of(head) == 200
+
+
+async def test_the_drain_deadline_cuts_a_direct_request_as_503(lean, direct_count):
+    proxy = await lean()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"GET /items/1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await read_response(reader)
+    writer.write(b"GET /slow?delay=5 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    assert direct_count["direct"] == 1
+    assert await proxy.server.drain(0.3) == 1
+    data = await asyncio.wait_for(reader.read(), 2)
+    writer.close()
+    assert status_of(data) == 503 and b"Connection: close" in data
+    records = await proxy.recorded(2)
+    assert [r.status for r in records] == [200, 503] and proxy.server.cut_by_shutdown == 1
+    assert proxy.server.in_flight == 0
+
+
+async def test_a_drain_closes_the_connection_after_a_direct_answer(lean, http, direct_count):
+    proxy = await lean()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"GET /items/1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await read_response(reader)
+    writer.write(b"GET /slow?delay=0.3 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    assert await proxy.server.drain(5.0) == 0
+    head, _ = await read_response(reader)
+    assert status_of(head) == 200 and b"Connection: close" in head
+    assert await reader.read() == b""  # and closed after it
+    writer.close()
+    assert direct_count["direct"] == 1

@@ -59,7 +59,7 @@ from apitally_proxy.lean.headers import (
     status_line,
 )
 from apitally_proxy.lean.parser import HeadRefused, RequestHead, RequestParser
-from apitally_proxy.lean.upstream import LeanResponse, LeanUpstream
+from apitally_proxy.lean.upstream import LeanResponse, LeanUpstream, _RawProtocol
 from apitally_proxy.proxy import (
     IDEMPOTENT_METHODS,
     STATUS_CLIENT_CLOSED,
@@ -168,6 +168,31 @@ def own_response(
 
 class _ClientGone(ConnectionError):
     """The client's connection closed while a response was being written."""
+
+
+class _Direct:
+    """A body-less request forwarded straight from `data_received` on an idle pooled
+    connection, to be answered from that connection's callback (no task, no future)
+    when its whole answer comes; anything else (interim answers, a body to stream, a
+    failure or the stale retry) hands it to a task (`_run`)."""
+
+    __slots__ = ("exchange", "head", "keep", "msg", "proto", "started")
+
+    def __init__(
+        self,
+        msg: RequestHead,
+        exchange: Exchange,
+        started: float,
+        keep: bool,
+        head: bytes,
+        proto: _RawProtocol,
+    ) -> None:
+        self.msg = msg
+        self.exchange = exchange
+        self.started = started
+        self.keep = keep
+        self.head = head
+        self.proto = proto
 
 
 class LeanServer:
@@ -316,6 +341,7 @@ class _Connection(BaseProtocol):
 
     __slots__ = (
         "_closing",
+        "_direct",
         "_idle_since",
         "_lingering",
         "_pipeline_paused",
@@ -350,6 +376,7 @@ class _Connection(BaseProtocol):
         # Complete heads waiting their turn (pipelining); a refusal is queued as an int.
         self._queue: deque[tuple[RequestHead, StreamReader] | int] = deque()
         self._task: asyncio.Task[None] | None = None
+        self._direct: _Direct | None = None  # the request in flight without a task
         self._closing = False  # nothing more is read or parsed
         self._pipeline_paused = False
         self._lingering = False  # answered before its body was read: see _linger
@@ -387,6 +414,10 @@ class _Connection(BaseProtocol):
         for item in self._queue:
             if not isinstance(item, int) and item[1] is not EMPTY_PAYLOAD:
                 item[1].set_exception(gone)
+        if self._direct is not None:
+            # Sent without a task, or handed to one that has not started yet (a task
+            # cancelled before its first step runs none of its code).
+            self._abandon(self._direct)
         if self._task is not None and not self._task.done():
             self._task.cancel()  # the client left: its request is a 499
 
@@ -415,8 +446,8 @@ class _Connection(BaseProtocol):
         if len(queue) >= self.server.config.max_pipelined and not self._pipeline_paused:
             self._pipeline_paused = True
             self._pause_reading_for_buffer()
-        if self._task is None:
-            self._task = self._loop.create_task(self._run())
+        if self._task is None and self._direct is None:
+            self._next()
 
     def _upgraded_data(self, data: bytes) -> None:
         ws = self._ws_parser
@@ -489,6 +520,12 @@ class _Connection(BaseProtocol):
             self.transport.abort()
 
     def cut(self) -> bool:
+        if self._direct is not None:
+            self._abandon(self._direct)
+            if self._task is not None:
+                self._task.cancel()  # handed over, not started: it has nothing left to do
+            self.close()
+            return True
         if self._task is not None and not self._task.done():
             self._task.cancel()
             return True
@@ -511,14 +548,47 @@ class _Connection(BaseProtocol):
         else:
             queue.append(status)
         self.server.refused += 1
-        if self._task is None:
+        if self._task is None and self._direct is None:
             self._task = self._loop.create_task(self._run())
 
     # Answering, in order.
 
-    async def _run(self) -> None:
+    def _next(self) -> None:
+        """Answer the request at the head of the queue: forwarded from here when nothing
+        needs waiting for, else by a task."""
+        if not self._forward_now():
+            self._task = self._loop.create_task(self._run())
+
+    def _advance(self, keep: bool) -> bool:
+        """The request at the head of the queue is answered: whether the connection
+        carries on (else it is closed, or lingers)."""
+        queue = self._queue
+        queue.popleft()
+        if self._pipeline_paused and len(queue) < self.server.config.max_pipelined // 2:
+            self._pipeline_paused = False
+            self._resume_reading_for_buffer()
+        if not keep or self.server.draining or (self._upgraded and not queue):
+            self._closing = True
+            if self._lingering:
+                self._linger()
+            else:
+                self.close()
+            return False
+        return True
+
+    async def _run(self, direct: _Direct | None = None) -> None:
+        """Answer the queue in order; `direct`: the head's request is already sent."""
         queue = self._queue
         try:
+            if direct is not None:
+                if self._direct is not direct:
+                    return  # abandoned before this task started
+                self._direct = None
+                keep = await self._forwarded(
+                    direct.msg, EMPTY_PAYLOAD, direct.exchange, direct.started, direct.keep, direct
+                )
+                if not self._advance(keep):
+                    return
             while queue and self.transport is not None:
                 item = queue[0]
                 if isinstance(item, int):
@@ -531,16 +601,7 @@ class _Connection(BaseProtocol):
                     keep = await self._handle(item[0], item[1])
                 except ConnectionError:  # the client left while its refusal was written
                     keep = False
-                queue.popleft()
-                if self._pipeline_paused and len(queue) < self.server.config.max_pipelined // 2:
-                    self._pipeline_paused = False
-                    self._resume_reading_for_buffer()
-                if not keep or self.server.draining or (self._upgraded and not queue):
-                    self._closing = True
-                    if self._lingering:
-                        self._linger()
-                    else:
-                        self.close()
+                if not self._advance(keep):
                     return
         finally:
             self._task = None
@@ -588,25 +649,102 @@ class _Connection(BaseProtocol):
             return 501, "unsupported Transfer-Encoding\n", True
         return None
 
+    def _new_exchange(self, msg: RequestHead, has_body: bool) -> Exchange:
+        path = msg.path_qs if msg.path_qs is not None else msg.path
+        q = path.find("?")
+        exchange = Exchange(msg.method, path if q < 0 else path[:q])
+        if self.server.config.keep_request_headers:
+            exchange.request_headers = msg.headers
+        if not has_body and msg.content_length == b"0":
+            exchange.request_size = 0  # a declared empty body has a size
+        if self.server.logging:
+            self._log_head(msg, path, exchange)
+        return exchange
+
+    def _forward_now(self) -> bool:
+        """Send the request at the head of the queue from here, if it has no body, needs
+        no answer from the proxy itself and an idle upstream connection is at hand;
+        its answer comes to `_upstream_ready`."""
+        item = self._queue[0]
+        if isinstance(item, int):
+            return False
+        msg, payload = item
+        server = self.server
+        if (
+            payload is not EMPTY_PAYLOAD
+            or msg is self._upgrade_head
+            or server.draining
+            or not server.pool.idle_now()
+            or self._refusal(msg) is not None
+        ):
+            return False
+        started = time.perf_counter()
+        head = self._request_head(msg)
+        proto = server.pool.send_now(msg.method, head, self._upstream_ready)
+        if proto is None:
+            return False
+        exchange = self._new_exchange(msg, False)
+        server.in_flight += 1
+        self._direct = _Direct(msg, exchange, started, not msg.should_close, head, proto)
+        return True
+
+    def _upstream_ready(self) -> None:
+        """The upstream connection of the request in flight has its answer, or failed."""
+        direct = self._direct
+        if direct is None:
+            return
+        proto = direct.proto
+        if not proto.whole():
+            # An interim answer, a body to stream, a failure: a task takes over.
+            proto.listener = None
+            self._task = self._loop.create_task(self._run(direct))
+            return
+        self._direct = None
+        upstream = self.server.pool.answer_now(proto)
+        exchange = direct.exchange
+        exchange.answered(direct.started)
+        try:
+            keep = self._write_answer(direct.msg, upstream, exchange, direct.keep)[0]
+        except ConnectionError:
+            exchange.status = STATUS_CLIENT_CLOSED
+            keep = False
+        finally:
+            upstream.release()
+            self._recorded(exchange, direct.started)
+        if self._advance(keep):
+            self._idle_since = self._loop.time()
+            if self._queue:
+                self._next()
+
+    def _abandon(self, direct: _Direct) -> None:
+        """The request in flight without a task ends unanswered: the client left (499),
+        or the drain's deadline cut it (503)."""
+        self._direct = None
+        direct.proto.listener = None
+        direct.proto.close()  # its answer is still owed: never reused
+        self._cancelled(direct.exchange)
+        self._recorded(direct.exchange, direct.started)
+
+    def _recorded(self, exchange: Exchange, started: float) -> None:
+        """The exchange is over: counted out of flight, timed, metered."""
+        server = self.server
+        server.in_flight -= 1
+        exchange.ended(started)
+        try:
+            server.recorder(exchange)
+        except Exception:  # metering must never break proxying
+            log.exception("recording a request failed")
+
     async def _handle(self, msg: RequestHead, payload: StreamReader) -> bool:
         """Answer one request; records exactly one Exchange unless refused. Returns
         whether the connection may carry another request."""
         started = time.perf_counter()
         server = self.server
-        path = msg.path
-        absolute = msg.path_qs is not None
-        if msg.path_qs is not None:
-            path = msg.path_qs
-        q = path.find("?")
-        exchange = Exchange(msg.method, path if q < 0 else path[:q])
-        if server.config.keep_request_headers:
-            exchange.request_headers = msg.headers
         keep = not msg.should_close
         has_body = payload is not EMPTY_PAYLOAD
         refusal = self._refusal(msg)
         if refusal is not None:
             status, text, close = refusal
-            exchange.status = status
             server.refused += 1
             keep = keep and not close and (not has_body or payload.is_eof())
             self._write(own_response(status, text, close=not keep, version=(1, 1)))
@@ -621,11 +759,24 @@ class _Connection(BaseProtocol):
                     await self._upgrade(msg, payload)
                 return False
             keep = False  # forwarded as a plain request; the bytes after it are not HTTP
-        if server.logging:
-            self._log_head(msg, path, absolute, exchange)
+        exchange = self._new_exchange(msg, has_body)
         server.in_flight += 1
+        return await self._forwarded(msg, payload, exchange, started, keep)
+
+    async def _forwarded(
+        self,
+        msg: RequestHead,
+        payload: StreamReader,
+        exchange: Exchange,
+        started: float,
+        keep: bool,
+        direct: _Direct | None = None,
+    ) -> bool:
+        """Forward one request (`direct`: it is already on its way) and record its
+        Exchange. Returns whether the connection may carry another request."""
+        has_body = payload is not EMPTY_PAYLOAD
         try:
-            keep = await self._forward(msg, payload, has_body, absolute, exchange, started, keep)
+            keep = await self._forward(msg, payload, has_body, exchange, started, keep, direct)
         except asyncio.CancelledError:
             self._cancelled(exchange)
             raise
@@ -633,12 +784,7 @@ class _Connection(BaseProtocol):
             exchange.status = STATUS_CLIENT_CLOSED
             keep = False
         finally:
-            server.in_flight -= 1
-            exchange.ended(started)
-            try:
-                server.recorder(exchange)
-            except Exception:  # metering must never break proxying
-                log.exception("recording a request failed")
+            self._recorded(exchange, started)
         if has_body and not payload.is_eof():
             # Answered before the whole body came: the rest cannot be parsed.
             keep = False
@@ -658,54 +804,58 @@ class _Connection(BaseProtocol):
             with contextlib.suppress(Exception):
                 self._write(own_response(503, "cut by shutdown\n", close=True, version=(1, 1)))
 
+    def _request_head(self, msg: RequestHead) -> bytes:
+        """The head sent upstream: hop-by-hop and X-Apitally-* dropped, X-Forwarded-* set."""
+        server = self.server
+        authority: bytes | None = None
+        target = msg.target
+        if msg.path_qs is not None:  # absolute-form: origin-form upstream, its Host
+            assert msg.authority is not None
+            authority = msg.authority.encode("utf-8", "surrogateescape")
+            target = msg.path_qs.encode("utf-8", "surrogateescape")
+        if server.base_path:
+            target = server.base_path + target
+        peer = self.peer
+        return request_head(
+            msg.method,
+            target,
+            msg.raw_headers,
+            peer=peer,
+            trusted=server.trusted(peer),
+            authority=authority,
+            chunked=msg.chunked,
+            default_host=server.default_host,
+        )
+
     async def _forward(
         self,
         msg: RequestHead,
         payload: StreamReader,
         has_body: bool,
-        absolute: bool,
         exchange: Exchange,
         started: float,
         keep: bool,
+        direct: _Direct | None,
     ) -> bool:
-        server = self.server
+        pool = self.server.pool
         method = msg.method
-        authority: bytes | None = None
-        target = msg.target
-        if absolute:
-            assert msg.authority is not None and msg.path_qs is not None
-            authority = msg.authority.encode("utf-8", "surrogateescape")
-            target = msg.path_qs.encode("utf-8", "surrogateescape")
-        if server.base_path:
-            target = server.base_path + target
-        raw: RawHeaders = msg.raw_headers
-        peer = self.peer
-        chunked = msg.chunked
-        head = request_head(
-            method,
-            target,
-            raw,
-            peer=peer,
-            trusted=server.trusted(peer),
-            authority=authority,
-            chunked=chunked,
-            default_host=server.default_host,
-        )
-        body: AsyncIterator[bytes] | None = None
-        if has_body:
-            body = self._body(payload, exchange, msg)
-        elif msg.content_length == b"0":
-            exchange.request_size = 0  # a declared empty body has a size
+        retry_stale = not has_body and method in IDEMPOTENT_METHODS
         on_interim = self._interim if msg.version >= (1, 1) else None
         try:
-            upstream = await server.pool.send(
-                method,
-                head,
-                body,
-                chunked,
-                retry_stale=not has_body and method in IDEMPOTENT_METHODS,
-                on_interim=on_interim,
-            )
+            if direct is not None:
+                upstream = await pool.finish(
+                    direct.proto, method, direct.head, retry_stale, on_interim
+                )
+            else:
+                body = self._body(payload, exchange, msg) if has_body else None
+                upstream = await pool.send(
+                    method,
+                    self._request_head(msg),
+                    body,
+                    msg.chunked,
+                    retry_stale=retry_stale,
+                    on_interim=on_interim,
+                )
         except Exception as exc:
             return self._failed(exc, exchange, keep, msg.version)
         exchange.answered(started)
@@ -716,11 +866,11 @@ class _Connection(BaseProtocol):
         finally:
             upstream.release()
 
-    def _log_head(self, msg: RequestHead, path_qs: str, absolute: bool, exchange: Exchange) -> None:
+    def _log_head(self, msg: RequestHead, path_qs: str, exchange: Exchange) -> None:
         """The request log's side of the capture policy (request logging is on)."""
         headers = msg.headers
         host = headers.get("Host") or self.server.pool.default_host
-        if absolute:  # absolute-form: the target's authority is the host
+        if msg.path_qs is not None:  # absolute-form: the target's authority is the host
             host = msg.authority or host
         capture = self.server.capture
         assert capture is not None
@@ -848,40 +998,49 @@ class _Connection(BaseProtocol):
         head = status_line(version, status, upstream.reason) + b"".join(parts)
         return head, bodiless, chunked_out, keep
 
+    def _write_answer(
+        self, msg: RequestHead, upstream: LeanResponse, exchange: Exchange, keep: bool
+    ) -> tuple[bool, bool, bool]:
+        """The response head and the body that is here, in one write. Returns (keep,
+        chunked_out, more): `more`, the rest of the body is to stream from `content`."""
+        head, bodiless, chunked_out, keep = self._response_head(msg, upstream, exchange, keep)
+        if bodiless:
+            self._write(head)
+            return keep, False, False
+        content = upstream.content
+        if content is None:  # the whole body came with the head
+            first = upstream.body
+            done = True
+        else:
+            first = content.read_nowait(-1)
+            done = content.at_eof()
+        exchange.response_size = len(first)
+        capture = exchange.response_body
+        if capture is not None:
+            capture.feed(first)
+        if chunked_out and first:
+            first = b"%x\r\n%b\r\n" % (len(first), first)
+        if done and chunked_out:
+            first += LAST_CHUNK
+        tr = self.transport
+        if tr is None or tr.is_closing():
+            raise _ClientGone()
+        # Head and first chunk in one write (writelines: one writev, no copy).
+        if len(first) < SMALL_WRITE:
+            tr.write(head + first)
+        else:
+            tr.writelines((head, first))
+        return keep, chunked_out, not done
+
     async def _relay(
         self, msg: RequestHead, upstream: LeanResponse, exchange: Exchange, keep: bool
     ) -> bool:
         """The response head and first chunk in one write, then the body as it comes."""
-        head, bodiless, chunked_out, keep = self._response_head(msg, upstream, exchange, keep)
-        if bodiless:
-            self._write(head)
-            return keep
-        content = upstream.content
         try:
-            if content is None:  # the whole body came with the head
-                first = upstream.body
-                done = True
-            else:
-                first = content.read_nowait(-1)
-                done = content.at_eof()
-            exchange.response_size = len(first)
-            capture = exchange.response_body
-            if capture is not None:
-                capture.feed(first)
-            if chunked_out and first:
-                first = b"%x\r\n%b\r\n" % (len(first), first)
-            if done and chunked_out:
-                first += LAST_CHUNK
-            tr = self.transport
-            if tr is None or tr.is_closing():
-                raise _ClientGone()
-            # Head and first chunk in one write (writelines: one writev, no copy).
-            if len(first) < SMALL_WRITE:
-                tr.write(head + first)
-            else:
-                tr.writelines((head, first))
-            if content is not None and not done:
-                await self._stream(content, exchange, chunked_out)
+            keep, chunked_out, more = self._write_answer(msg, upstream, exchange, keep)
+            if more:
+                assert upstream.content is not None
+                await self._stream(upstream.content, exchange, chunked_out)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
             if isinstance(exc, aiohttp.ClientConnectionResetError) or self.transport is None:
                 raise _ClientGone() from exc  # writing to the client failed: the client left

@@ -20,6 +20,7 @@ from typing import Any, cast
 
 import httptools
 from aiohttp import (
+    ClientConnectionError,
     ClientConnectorError,
     ClientOSError,
     ClientPayloadError,
@@ -37,13 +38,24 @@ from apitally_proxy.upstream import InvalidResponse, UpstreamPool, _Upload
 
 RawInterimHandler = Callable[[int, str, RawHeaders], Awaitable[None] | None]
 
+# An answer with a Content-Length up to this is held until its body is whole (the head
+# and the body often come in separate reads: uvicorn writes them apart), then handed
+# over as bytes; a longer one, or a chunked or close-delimited one, streams.
+HOLD_LIMIT = 64 * 1024
+
+
+class CutShort(ClientConnectionError):
+    """The upstream closed the connection inside a held answer's body (502, not retried:
+    the upstream saw the request)."""
+
 
 class _Answer:
     """One upstream response head (final or interim) and its body: `body` once the
     whole body came (most responses: in the read that brought the head), else
-    `content`, a StreamReader fed as the rest arrives."""
+    `content`, a StreamReader fed as the rest arrives. `held`: a short body of known
+    length is still arriving; the answer is handed over once it is whole."""
 
-    __slots__ = ("body", "content", "parts", "raw_headers", "reason", "status")
+    __slots__ = ("body", "content", "held", "parts", "raw_headers", "reason", "status")
 
     def __init__(self, status: int, reason: str, raw_headers: RawHeaders) -> None:
         self.status = status
@@ -52,6 +64,7 @@ class _Answer:
         self.body = b""
         self.parts: list[bytes] = []
         self.content: StreamReader | None = None
+        self.held = False
 
 
 class _RawProtocol(BaseProtocol):
@@ -64,7 +77,12 @@ class _RawProtocol(BaseProtocol):
     between reads while an answer is owed (one deadline moved per read, one timer per
     connection); EOF before an answer is `ServerDisconnectedError` (a stale pooled
     connection, retried for idempotent requests); EOF inside a body framed by length
-    or chunks is `ClientPayloadError`; a close-delimited body ends at EOF.
+    or chunks is `ClientPayloadError` (`CutShort` while the answer is held, see
+    HOLD_LIMIT); a close-delimited body ends at EOF.
+
+    Whoever waits for the answer either awaits `wait()`'s future or registers a
+    `listener`, a plain callback run whenever that future would be resolved (the lean
+    server's direct path: no task, no future).
 
     httptools cannot be told to skip a HEAD response's body (aiohttp's `skip_payload`):
     after a HEAD answer's head the parser is replaced by a fresh one, and any byte
@@ -98,6 +116,8 @@ class _RawProtocol(BaseProtocol):
         self._reason = b""
         self._raw: list[tuple[bytes, bytes]] = []
         self._ends_at_eof = True  # neither Content-Length nor chunked: the body ends at EOF
+        self._length = -1  # the answer's Content-Length, when it has one
+        self.listener: Callable[[], None] | None = None
         self._deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
 
@@ -155,16 +175,22 @@ class _RawProtocol(BaseProtocol):
         self._closing = True
         self._exc = exc
         current = self._current
-        if current is not None and current.content is not None:
-            current.content.set_exception(exc)
+        if current is not None:
+            if current.content is not None:
+                current.content.set_exception(exc)
+            elif current.held:
+                self._drop(current)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
+        elif waiter is None and self.listener is not None:
+            self.listener()
 
     def wait(self) -> asyncio.Future[None] | None:
         """None when an answer head is ready to `take`, else a future to await first
         (no coroutine frame per read: the exchange awaits the future itself)."""
-        if self._answers:
+        answers = self._answers
+        if answers and not answers[0].held:
             return None
         if self._exc is not None:
             raise self._exc
@@ -172,6 +198,15 @@ class _RawProtocol(BaseProtocol):
             raise ServerDisconnectedError()
         self._waiter = waiter = self._loop.create_future()
         return waiter
+
+    def whole(self) -> bool:
+        """A final answer is next to `take`, with its whole body (no interim answer
+        before it, nothing more to stream, no failure)."""
+        answers = self._answers
+        if not answers:
+            return False
+        first = answers[0]
+        return first.status >= 200 and first.content is None and first is not self._current
 
     def take(self) -> _Answer:
         """The next answer head (interim or final); after `wait`."""
@@ -221,15 +256,29 @@ class _RawProtocol(BaseProtocol):
             self._skipped = False
             self._http = self._new_parser()
         current = self._current
-        if current is not None and current.content is None:
+        if current is not None and current.content is None and not current.held:
             # The body goes on past this read: from here it streams.
             content = current.content = StreamReader(self, 2**16, loop=self._loop)
             for part in current.parts:
                 content.feed_data(part)
             current.parts = []
+        answers = self._answers
+        if answers and not answers[0].held:
+            self._wake()
+
+    def _wake(self) -> None:
+        """Tell whoever waits for the answer (the future, or the listener) that there is
+        one to take, or a failure to raise."""
         waiter = self._waiter
-        if waiter is not None and self._answers and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None:
+            if not waiter.done():
+                answers = self._answers
+                if answers and not answers[0].held:
+                    waiter.set_result(None)
+                elif self._exc is not None:
+                    waiter.set_exception(self._exc)
+        elif self.listener is not None:
+            self.listener()
 
     def eof_received(self) -> bool:
         return False  # the transport closes; connection_lost ends what is open
@@ -247,14 +296,18 @@ class _RawProtocol(BaseProtocol):
                     content.feed_eof()
             elif content is not None:
                 content.set_exception(ClientPayloadError("response payload is not completed"))
+            elif current.held and self._exc is None:
+                self._exc = CutShort("the upstream closed the connection inside a response")
+                self._drop(current)
         if self._exc is None:
             self._exc = ServerDisconnectedError()
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            if self._answers:
-                waiter.set_result(None)
-            else:
-                waiter.set_exception(self._exc)
+        self._wake()
+
+    def _drop(self, answer: _Answer) -> None:
+        """A held answer that will never be whole: never handed over."""
+        answer.held = False
+        if answer in self._answers:
+            self._answers.remove(answer)
 
     # httptools callbacks.
 
@@ -264,6 +317,7 @@ class _RawProtocol(BaseProtocol):
         self._reason = b""
         self._raw = []
         self._ends_at_eof = True
+        self._length = -1
 
     def on_status(self, reason: bytes) -> None:
         reason = self._reason + reason if self._reason else reason
@@ -289,6 +343,8 @@ class _RawProtocol(BaseProtocol):
             self._ends_at_eof = not value.lower().endswith(b"chunked")
         elif n == 14 and name.lower() == b"content-length":
             self._ends_at_eof = False
+            if value.isdigit():
+                self._length = int(value)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -305,6 +361,7 @@ class _RawProtocol(BaseProtocol):
             self._skipped = self._head_request
             return
         self._current = answer
+        answer.held = 0 <= self._length <= HOLD_LIMIT
 
     def on_body(self, body: bytes) -> None:
         current = self._current
@@ -329,6 +386,7 @@ class _RawProtocol(BaseProtocol):
             parts = current.parts
             current.body = parts[0] if len(parts) == 1 else b"".join(parts)
             current.parts = []
+            current.held = False
 
     # The read timeout.
 
@@ -445,28 +503,100 @@ class LeanUpstream(UpstreamPool):
         try:
             proto: Any = self._take_idle()
             if proto is not None:
-                try:
-                    return await self._exchange_raw(proto, method, head, body, chunked, on_interim)
-                except BaseException as exc:
-                    proto.close()  # never back to the pool after a failure
-                    stale = isinstance(exc, (ServerDisconnectedError, ClientOSError))
-                    if not (retry_stale and stale):
-                        raise
-                self.retries += 1
-            proto = await self._open()
-            try:
-                return await self._exchange_raw(proto, method, head, body, chunked, on_interim)
-            except BaseException:
-                proto.close()
-                raise
+                return await self._on_pooled(
+                    proto, method, head, body, chunked, retry_stale, on_interim, sent=False
+                )
+            return await self._on_fresh(method, head, body, chunked, on_interim)
         except BaseException:
             if self._slots is not None:
                 self._slots.release()
             raise
 
+    def idle_now(self) -> bool:
+        """Whether `send_now` may find an idle connection (no pool limit, one is idle)."""
+        return self._slots is None and bool(self._idle)
+
+    def send_now(
+        self, method: str, head: bytes, listener: Callable[[], None]
+    ) -> _RawProtocol | None:
+        """Write a body-less request on an idle pooled connection without waiting, or
+        return None (none idle, or a pool limit is set: use `send`). The connection
+        calls `listener` when its answer can be taken (`whole()`, then `take`), or when
+        the exchange failed; `finish` awaits what the listener could not take."""
+        if self._slots is not None:
+            return None
+        proto: _RawProtocol | None = cast(Any, self._take_idle())
+        if proto is None:
+            return None
+        proto.expect(method)
+        proto.listener = listener
+        cast(asyncio.Transport, proto.transport).write(head)
+        proto.start_timeout()
+        return proto
+
+    def answer_now(self, proto: _RawProtocol) -> LeanResponse:
+        """The whole answer to a `send_now` request (after `proto.whole()`)."""
+        proto.listener = None
+        return LeanResponse(self, proto, proto.take(), None)
+
+    async def finish(
+        self,
+        proto: _RawProtocol,
+        method: str,
+        head: bytes,
+        retry_stale: bool,
+        on_interim: RawInterimHandler | None,
+    ) -> LeanResponse:
+        """`send` from where `send_now` left off: interim answers, a body to stream, a
+        failure (and the stale retry)."""
+        proto.listener = None
+        return await self._on_pooled(
+            proto, method, head, None, False, retry_stale, on_interim, sent=True
+        )
+
+    async def _on_pooled(
+        self,
+        proto: _RawProtocol,
+        method: str,
+        head: bytes,
+        body: AsyncIterator[bytes] | None,
+        chunked: bool,
+        retry_stale: bool,
+        on_interim: RawInterimHandler | None,
+        *,
+        sent: bool,
+    ) -> LeanResponse:
+        try:
+            upload = None if sent else self._write_head(proto, method, head, body, chunked)
+            return await self._answer(proto, upload, on_interim)
+        except BaseException as exc:
+            proto.close()  # never back to the pool after a failure
+            stale = isinstance(exc, (ServerDisconnectedError, ClientOSError))
+            if not (retry_stale and stale):
+                raise
+        self.retries += 1
+        return await self._on_fresh(method, head, body, chunked, on_interim)
+
+    async def _on_fresh(
+        self,
+        method: str,
+        head: bytes,
+        body: AsyncIterator[bytes] | None,
+        chunked: bool,
+        on_interim: RawInterimHandler | None,
+    ) -> LeanResponse:
+        proto = await self._open()
+        try:
+            upload = self._write_head(proto, method, head, body, chunked)
+            return await self._answer(proto, upload, on_interim)
+        except BaseException:
+            proto.close()
+            raise
+
     def _write_head(
         self,
         proto: _RawProtocol,
+        method: str,
         head: bytes,
         body: AsyncIterator[bytes] | None,
         chunked: bool,
@@ -475,6 +605,7 @@ class LeanUpstream(UpstreamPool):
         transport = proto.transport
         if transport is None or transport.is_closing():
             raise ClientOSError("upstream connection closed")
+        proto.expect(method)
         if body is None:
             transport.write(head)
             proto.start_timeout()  # the upstream owes us an answer from now on
@@ -490,17 +621,13 @@ class LeanUpstream(UpstreamPool):
         # read timeout starts once it is sent: until then the upstream may stay silent.
         return _Upload(loop, cast(Any, proto), writer, body, self._body_timeout)
 
-    async def _exchange_raw(
+    async def _answer(
         self,
         proto: _RawProtocol,
-        method: str,
-        head: bytes,
-        body: AsyncIterator[bytes] | None,
-        chunked: bool,
+        upload: _Upload | None,
         on_interim: RawInterimHandler | None,
     ) -> LeanResponse:
-        proto.expect(method)
-        upload = self._write_head(proto, head, body, chunked)
+        """Await the final answer (bounded interim answers relayed on the way)."""
         interim = 0
         try:
             while True:
