@@ -17,8 +17,9 @@ One run, four phases (free ports, temp dirs, every process stopped by its PID at
   2. in-process  the Starlette parity app under uvicorn (bench/bench_inprocess.py's
                app_process): plain, with apitally 0.25.1's middleware, with apitally
                1.0.0's init (.venv-apitally1), and plain behind apitally-proxy per
-               --server; interleaved rounds. Reports what each client adds to the app's
-               CPU per request, and the proxy's CPU per request ÷ that, per round.
+               --server and behind nginx (a reference: what any proxy costs at the
+               app's pace); interleaved rounds. Reports what each client adds to the
+               app's CPU per request, and each proxy's CPU per request ÷ that, per round.
   3. memory    a fresh apitally-proxy (--memory-server, --memory-workers): RSS of each
                process at rest, then at checkpoints over N requests with hostile path
                and consumer cardinality, and 2.5 s later. It syncs every
@@ -1173,6 +1174,14 @@ def inprocess_phase(
             )  # fmt: skip
             started.append((p, label))
             modes[f"proxy:{server}"] = (p.pid, f"http://{HOST}:{port}", plain.pid, label)
+        # The reference: what nginx costs in front of the same app at the same pace (the
+        # low-load costs, wake-ups and context switches, are the kernel's for any proxy).
+        ng_port = free_ports(1)[0]
+        ng_dir = workdir / "nginx"
+        ng_conf = nginx_proxy_conf(ng_dir, ng_port, plain_spec.port)
+        ng = start_nginx(ps, "nginx-app", ng_dir, ng_conf, ng_port, proxy_cpus)
+        started.append((ng, "nginx-app"))
+        modes["proxy:nginx"] = (ng.pid, f"http://{HOST}:{ng_port}", plain.pid, "nginx (reference)")
         official = {
             "official_0_25": (
                 sys.executable,
