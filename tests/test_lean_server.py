@@ -1542,3 +1542,31 @@ async def test_a_drain_closes_the_connection_after_a_direct_answer(lean, http, d
     assert await reader.read() == b""  # and closed after it
     writer.close()
     assert direct_count["direct"] == 1
+
+
+async def test_a_direct_request_handed_over_is_recorded_once_if_the_client_leaves_first(
+    lean, direct_count
+):
+    # The hand-over creates a task; a client that leaves before that task's first step
+    # (a task cancelled then runs none of its code) must still be recorded, once.
+    proxy = await lean()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"GET /items/1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await read_response(reader)
+    writer.write(b"GET /slow?delay=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    (conn,) = proxy.server.connections
+    direct = conn._direct
+    assert direct is not None and direct_count["direct"] == 1
+    conn._upstream_ready()  # no answer yet: handed to a task, not started
+    assert conn._task is not None and conn._direct is direct
+    conn.connection_lost(None)  # the client is gone before the task ran
+    await asyncio.sleep(0.1)
+    records = await proxy.recorded(2)
+    await asyncio.sleep(0.2)
+    assert [(r.path, r.status) for r in proxy.records] == [("/items/1", 200), ("/slow", 499)]
+    assert proxy.server.in_flight == 0
+    assert not direct.proto.is_connected()  # still owed an answer: closed, never pooled
+    assert records[1].response_time > 0
+    writer.close()
