@@ -10,6 +10,7 @@ import time
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import pytest
@@ -1369,6 +1370,19 @@ def direct_count(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     return counts
 
 
+async def _warm_then_slow(proxy: Lean, delay: float, wait: float) -> tuple[Any, Any]:
+    """A keep-alive client connection: one quick request (the upstream connection is
+    then pooled and idle), then one the upstream takes `delay` s to answer, sent on the
+    direct path and in flight after `wait` s. Returns (reader, writer)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"GET /items/1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await read_response(reader)
+    writer.write(b"GET /slow?delay=%g HTTP/1.1\r\nHost: x\r\n\r\n" % delay)
+    await writer.drain()
+    await asyncio.sleep(wait)
+    return reader, writer
+
+
 async def test_a_warm_pool_answers_from_the_upstream_read(lean, direct_count):
     proxy = await lean()
     answers = await _get_all(proxy.port, [f"/items/{i}" for i in range(5)] + ["/status/201"])
@@ -1494,12 +1508,7 @@ async def test_a_client_leaving_a_direct_request_is_499_and_frees_the_upstream(
     lean, upstream, direct_count
 ):
     proxy = await lean()
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-    writer.write(b"GET /items/1 HTTP/1.1\r\nHost: x\r\n\r\n")
-    await read_response(reader)
-    writer.write(b"GET /slow?delay=1 HTTP/1.1\r\nHost: x\r\n\r\n")
-    await writer.drain()
-    await asyncio.sleep(0.2)
+    _, writer = await _warm_then_slow(proxy, 1, 0.2)
     assert direct_count["direct"] == 1 and proxy.server.in_flight == 1
     writer.transport.abort()
     records = await proxy.recorded(2)
@@ -1512,12 +1521,7 @@ async def test_a_client_leaving_a_direct_request_is_499_and_frees_the_upstream(
 
 async def test_the_drain_deadline_cuts_a_direct_request_as_503(lean, direct_count):
     proxy = await lean()
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-    writer.write(b"GET /items/1 HTTP/1.1\r\nHost: x\r\n\r\n")
-    await read_response(reader)
-    writer.write(b"GET /slow?delay=5 HTTP/1.1\r\nHost: x\r\n\r\n")
-    await writer.drain()
-    await asyncio.sleep(0.1)
+    reader, writer = await _warm_then_slow(proxy, 5, 0.1)
     assert direct_count["direct"] == 1
     assert await proxy.server.drain(0.3) == 1
     data = await asyncio.wait_for(reader.read(), 2)
@@ -1530,12 +1534,7 @@ async def test_the_drain_deadline_cuts_a_direct_request_as_503(lean, direct_coun
 
 async def test_a_drain_closes_the_connection_after_a_direct_answer(lean, http, direct_count):
     proxy = await lean()
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-    writer.write(b"GET /items/1 HTTP/1.1\r\nHost: x\r\n\r\n")
-    await read_response(reader)
-    writer.write(b"GET /slow?delay=0.3 HTTP/1.1\r\nHost: x\r\n\r\n")
-    await writer.drain()
-    await asyncio.sleep(0.1)
+    reader, writer = await _warm_then_slow(proxy, 0.3, 0.1)
     assert await proxy.server.drain(5.0) == 0
     head, _ = await read_response(reader)
     assert status_of(head) == 200 and b"Connection: close" in head
@@ -1550,12 +1549,7 @@ async def test_a_direct_request_handed_over_is_recorded_once_if_the_client_leave
     # The hand-over creates a task; a client that leaves before that task's first step
     # (a task cancelled then runs none of its code) must still be recorded, once.
     proxy = await lean()
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-    writer.write(b"GET /items/1 HTTP/1.1\r\nHost: x\r\n\r\n")
-    await read_response(reader)
-    writer.write(b"GET /slow?delay=1 HTTP/1.1\r\nHost: x\r\n\r\n")
-    await writer.drain()
-    await asyncio.sleep(0.1)
+    _, writer = await _warm_then_slow(proxy, 1, 0.1)
     (conn,) = proxy.server.connections
     direct = conn._direct
     assert direct is not None and direct_count["direct"] == 1

@@ -502,11 +502,9 @@ class LeanUpstream(UpstreamPool):
             await self._slots.acquire()
         try:
             proto: Any = self._take_idle()
-            if proto is not None:
-                return await self._on_pooled(
-                    proto, method, head, body, chunked, retry_stale, on_interim, sent=False
-                )
-            return await self._on_fresh(method, head, body, chunked, on_interim)
+            if proto is None:
+                proto, retry_stale = await self._open(), False
+            return await self._on(proto, method, head, body, chunked, retry_stale, on_interim)
         except BaseException:
             if self._slots is not None:
                 self._slots.release()
@@ -550,11 +548,9 @@ class LeanUpstream(UpstreamPool):
         """`send` from where `send_now` left off: interim answers, a body to stream, a
         failure (and the stale retry)."""
         proto.listener = None
-        return await self._on_pooled(
-            proto, method, head, None, False, retry_stale, on_interim, sent=True
-        )
+        return await self._on(proto, method, head, None, False, retry_stale, on_interim, sent=True)
 
-    async def _on_pooled(
+    async def _on(
         self,
         proto: _RawProtocol,
         method: str,
@@ -564,8 +560,11 @@ class LeanUpstream(UpstreamPool):
         retry_stale: bool,
         on_interim: RawInterimHandler | None,
         *,
-        sent: bool,
+        sent: bool = False,
     ) -> LeanResponse:
+        """Send on `proto` (unless `sent`) and await the answer. A failure closes the
+        connection; with `retry_stale`, a stale one (closed before any byte came back)
+        sends the request once more on a fresh connection."""
         try:
             upload = None if sent else self._write_head(proto, method, head, body, chunked)
             return await self._answer(proto, upload, on_interim)
@@ -575,23 +574,7 @@ class LeanUpstream(UpstreamPool):
             if not (retry_stale and stale):
                 raise
         self.retries += 1
-        return await self._on_fresh(method, head, body, chunked, on_interim)
-
-    async def _on_fresh(
-        self,
-        method: str,
-        head: bytes,
-        body: AsyncIterator[bytes] | None,
-        chunked: bool,
-        on_interim: RawInterimHandler | None,
-    ) -> LeanResponse:
-        proto = await self._open()
-        try:
-            upload = self._write_head(proto, method, head, body, chunked)
-            return await self._answer(proto, upload, on_interim)
-        except BaseException:
-            proto.close()
-            raise
+        return await self._on(await self._open(), method, head, body, chunked, False, on_interim)
 
     def _write_head(
         self,
