@@ -1564,3 +1564,43 @@ async def test_a_direct_request_handed_over_is_recorded_once_if_the_client_leave
     assert not direct.proto.is_connected()  # still owed an answer: closed, never pooled
     assert records[1].response_time > 0
     writer.close()
+
+
+class _BrokenCapture(_RecordingCapture):
+    def may_capture(self, exchange: Exchange, status: int) -> bool:
+        if status == 500:
+            raise RuntimeError("a broken capture policy")
+        return False
+
+
+async def test_a_failure_relaying_an_answer_ends_that_connection_only(upstream, caplog):
+    records: list[Exchange] = []
+    config = LeanConfig(upstream=parse_upstream(upstream.url))
+    server = LeanServer(config, records.append, _BrokenCapture())  # type: ignore[arg-type]
+    port = await server.start("127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /items/1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        await read_response(reader)  # the upstream connection is now pooled: direct next
+        writer.write(b"GET /status/500 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, not left hanging
+        writer.close()
+        ((head, _),) = await _get_all(port, ["/items/2"])  # the worker goes on
+        assert status_of(head) == 200
+        # The same on the task path (a request with a body), with one more pipelined.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        post = b"POST /status/500 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi"
+        writer.write(post * 2)
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+    finally:
+        await server.close()
+    assert [(r.path, r.status) for r in records] == [
+        ("/items/1", 200),
+        ("/status/500", 500),
+        ("/items/2", 200),
+        ("/status/500", 500),
+    ]
+    assert records[-1].method == "POST" and server.in_flight == 0
+    assert "relaying the answer to GET /status/500 failed" in caplog.text
+    assert "answering a request from 127.0.0.1 failed" in caplog.text

@@ -603,6 +603,11 @@ class _Connection(BaseProtocol):
                     keep = False
                 if not self._advance(keep):
                     return
+        except Exception:
+            # A bug, here or in the capture policy (the request is recorded all the same):
+            # this connection ends rather than hang with its request still queued.
+            log.exception("answering a request from %s failed", self.peer)
+            self.abort()
         finally:
             self._task = None
             self._idle_since = self._loop.time()
@@ -707,6 +712,12 @@ class _Connection(BaseProtocol):
             keep = self._write_answer(direct.msg, upstream, exchange, direct.keep)[0]
         except ConnectionError:
             exchange.status = STATUS_CLIENT_CLOSED
+            keep = False
+        except Exception:
+            # A bug, here or in the capture policy: this connection ends (its head may be
+            # half written), the request is still recorded, the worker goes on.
+            log.exception("relaying the answer to %s %s failed", exchange.method, exchange.path)
+            self.abort()
             keep = False
         finally:
             upstream.release()
