@@ -189,8 +189,7 @@ class _RawProtocol(BaseProtocol):
     def wait(self) -> asyncio.Future[None] | None:
         """None when an answer head is ready to `take`, else a future to await first
         (no coroutine frame per read: the exchange awaits the future itself)."""
-        answers = self._answers
-        if answers and not answers[0].held:
+        if self._ready():
             return None
         if self._exc is not None:
             raise self._exc
@@ -198,6 +197,11 @@ class _RawProtocol(BaseProtocol):
             raise ServerDisconnectedError()
         self._waiter = waiter = self._loop.create_future()
         return waiter
+
+    def _ready(self) -> bool:
+        """An answer is there to take (the first is not a held one still arriving)."""
+        answers = self._answers
+        return bool(answers) and not answers[0].held
 
     def whole(self) -> bool:
         """A final answer is next to `take`, with its whole body (no interim answer
@@ -262,8 +266,7 @@ class _RawProtocol(BaseProtocol):
             for part in current.parts:
                 content.feed_data(part)
             current.parts = []
-        answers = self._answers
-        if answers and not answers[0].held:
+        if self._ready():
             self._wake()
 
     def _wake(self) -> None:
@@ -272,8 +275,7 @@ class _RawProtocol(BaseProtocol):
         waiter = self._waiter
         if waiter is not None:
             if not waiter.done():
-                answers = self._answers
-                if answers and not answers[0].held:
+                if self._ready():
                     waiter.set_result(None)
                 elif self._exc is not None:
                     waiter.set_exception(self._exc)
@@ -526,10 +528,8 @@ class LeanUpstream(UpstreamPool):
         proto: _RawProtocol | None = cast(Any, self._take_idle())
         if proto is None:
             return None
-        proto.expect(method)
         proto.listener = listener
-        cast(asyncio.Transport, proto.transport).write(head)
-        proto.start_timeout()
+        self._write_head(proto, method, head, None, False)  # taken connected: cannot raise
         return proto
 
     def answer_now(self, proto: _RawProtocol) -> LeanResponse:
