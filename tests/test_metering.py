@@ -1,6 +1,7 @@
 """The aggregates, exactly as the hub expects them; no network."""
 
 from apitally_proxy.metering import ConsumerRegistry, RequestCounter, parse_consumer
+from apitally_proxy.metering.consumers import ConsumerCache
 
 
 def rows_by_key(counter: RequestCounter) -> dict:
@@ -89,6 +90,25 @@ def test_blank_consumer_identifier_means_no_consumer():
 def test_invalid_percent_encoding_does_not_raise():
     consumer = parse_consumer("abc%ZZ%C3")
     assert consumer is not None and consumer.identifier.startswith("abc%ZZ")
+
+
+def test_the_consumer_cache_answers_as_parse_consumer_and_stays_bounded():
+    cache = ConsumerCache(size=4)
+    cases = [
+        ("  acme ", " M%C3%BCller ", None),
+        ("acme", "Acme", "Pro"),
+        ("   ", "name", None),  # no consumer: remembered as such
+        (None, None, None),
+        ("abc%ZZ%C3", None, "g" * 100),
+    ]
+    for _ in range(2):  # first parsed, then remembered (past size: parsed afresh)
+        for values in cases:
+            assert cache.parse(*values) == parse_consumer(*values)
+    assert len(cache._seen) <= 4
+    # Long values are parsed every time, never pinned in the cache.
+    long = ("k" * 600, None, None)
+    assert cache.parse(*long) == parse_consumer(*long)
+    assert long not in cache._seen
 
 
 def test_consumers_with_name_or_group_are_reported_once_and_again_on_change():

@@ -43,6 +43,39 @@ def parse_consumer(
     return Consumer(ident, _clean(name, MAX_NAME), _clean(group, MAX_NAME))
 
 
+class ConsumerCache:
+    """`parse_consumer` remembered for the raw header values seen lately: most requests
+    come from a few consumers, whose values need not be cleaned again each time.
+
+    Bounded in entries and in what it pins: values longer than CACHED_VALUES characters
+    in all are parsed every time; past `size` entries it starts afresh.
+    """
+
+    CACHED_VALUES = 512
+
+    def __init__(self, size: int = 1024) -> None:
+        self._seen: dict[tuple[str | None, str | None, str | None], Consumer | None] = {}
+        self._size = size
+
+    def parse(
+        self, identifier: str | None, name: str | None = None, group: str | None = None
+    ) -> Consumer | None:
+        key = (identifier, name, group)
+        seen = self._seen
+        found = seen.get(key, _UNSEEN)
+        if found is not _UNSEEN:
+            return found  # type: ignore[return-value]
+        consumer = parse_consumer(identifier, name, group)
+        if len(identifier or "") + len(name or "") + len(group or "") <= self.CACHED_VALUES:
+            if len(seen) >= self._size:
+                seen.clear()
+            seen[key] = consumer
+        return consumer
+
+
+_UNSEEN = object()
+
+
 class ConsumerRegistry:
     """Remembers consumers' names and groups; reports new or changed ones once.
 

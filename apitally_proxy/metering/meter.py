@@ -6,7 +6,7 @@ import logging
 from typing import Any, Protocol
 
 from apitally_proxy import frameworks
-from apitally_proxy.metering.consumers import Consumer, ConsumerRegistry, parse_consumer
+from apitally_proxy.metering.consumers import Consumer, ConsumerCache, ConsumerRegistry
 from apitally_proxy.metering.histograms import HistogramCounter
 from apitally_proxy.metering.identity import ConsumerIdentity
 from apitally_proxy.metering.prometheus import RouteHistograms
@@ -83,6 +83,7 @@ class Meter:
         self._max_consumers = max_consumers
         self._overflow_reported = 0
         self.consumers = ConsumerRegistry(max_size=max_consumers)
+        self._parse_consumer = ConsumerCache().parse
         self.route_overrides = RouteOverrides()
         self.validation_errors = ValidationErrorCounter(max_keys=max_consumers)
         self.histograms = RouteHistograms()  # lifetime, for Prometheus
@@ -115,7 +116,7 @@ class Meter:
             self.recent.observe_unmatched()
             if headers is not None and ex.log:
                 # Not counted, but its request log names the consumer the app gave.
-                unmatched = parse_consumer(headers.get(HEADER_CONSUMER))
+                unmatched = self._parse_consumer(headers.get(HEADER_CONSUMER))
                 return None, unmatched.identifier if unmatched is not None else None
             return NOT_METERED
         consumer = self._consumer(ex, headers)
@@ -147,7 +148,7 @@ class Meter:
         """The app's own X-Apitally-Consumer wins. A key names a consumer only once the
         app accepted it: random keys must not crowd real consumers out of the cap."""
         if headers is not None:
-            consumer = parse_consumer(
+            consumer = self._parse_consumer(
                 headers.get(HEADER_CONSUMER),
                 headers.get(HEADER_CONSUMER_NAME),
                 headers.get(HEADER_CONSUMER_GROUP),
