@@ -153,7 +153,10 @@ async def main() -> int:
         await hub.stop()
     med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     added = {k: med[k] - med["plain_app"] for k in ("official_0_25", "official_1_0") if k in med}
-    summary = {"median_cpu_us_per_request": med, "client_adds_us_per_request": added}
+    summary: dict[str, object] = {
+        "median_cpu_us_per_request": med,
+        "client_adds_us_per_request": added,
+    }
     for name, extra in added.items():
         summary[f"proxy_vs_{name}"] = round(med["proxy"] / extra, 2) if extra > 0 else None
     print(json.dumps(summary, indent=2))

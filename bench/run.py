@@ -464,10 +464,13 @@ def start_apitally(
     workers: int = 1,
     server: str | None = None,
     name: str = "apitally-proxy",
-    sync_interval: float = 1.0,
+    sync_interval: float | None = 1.0,
+    export: dict[str, str] | None = None,
 ) -> subprocess.Popen[Any]:
-    """apitally-proxy in local mode; `server` goes in APITALLY_PROXY_SERVER (a proxy that
-    predates the setting ignores it). With workers > 1, returns once all of them report."""
+    """apitally-proxy in local mode, or exporting as `export` (APITALLY_* variables) says;
+    `server` goes in APITALLY_PROXY_SERVER (a proxy that predates the setting ignores it);
+    `sync_interval` None keeps the proxy's own default. With workers > 1, returns once all
+    of them report."""
     state = workdir / "state"
     state.mkdir(parents=True)
     cmd = [
@@ -476,10 +479,12 @@ def start_apitally(
         "--listen", f"{HOST}:{port}",
         "--admin-listen", f"{HOST}:{admin_port}",
         "--state-dir", str(state),
-        "--sync-interval", f"{sync_interval:g}",
         "--workers", str(workers),
     ]  # fmt: skip
+    if sync_interval is not None:
+        cmd += ["--sync-interval", f"{sync_interval:g}"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("APITALLY")}
+    env.update(export or {})
     if server:
         env["APITALLY_PROXY_SERVER"] = server
     log_path = workdir / "apitally-proxy.log"
@@ -1153,6 +1158,7 @@ def inprocess_phase(
         )
     loop = _LoopThread()
     started: list[tuple[subprocess.Popen[Any], str]] = []
+    hub = otlp = None
     try:
 
         async def fakes() -> tuple[Any, Any]:
@@ -1165,15 +1171,32 @@ def inprocess_phase(
         plain = start_app(ps, "app-plain", plain_spec, workdir, proxy_cpus)
         started.append((plain, "app-plain"))
         modes["plain"] = (plain.pid, plain_spec.url, None, "plain app")
+        # The proxy exports as the clients do, to the same fakes, at its default sync
+        # interval: to the hub like 0.25.1 (every server), over OTLP like 1.0.0 (lean).
+        exports = {
+            "hub": {
+                "APITALLY_CLIENT_ID": "00000000-0000-0000-0000-000000005678",
+                "APITALLY_ENV": "bench",
+                "APITALLY_HUB_BASE_URL": hub.url,
+            },
+            "otlp": {
+                "APITALLY_WRITE_TOKEN": "apt_" + "c" * 24,
+                "APITALLY_OTLP_ENDPOINT": otlp.url,
+                "APITALLY_ENV": "bench",
+            },
+        }
         for server in args.servers:
-            port, admin_port = free_ports(2)
-            label = f"apitally-proxy ({server}, 1w)"
-            p = start_apitally(
-                ps, workdir / f"proxy-{server}", port, admin_port, plain_spec.port, proxy_cpus,
-                server=server, name=label,
-            )  # fmt: skip
-            started.append((p, label))
-            modes[f"proxy:{server}"] = (p.pid, f"http://{HOST}:{port}", plain.pid, label)
+            for export in ("hub", "otlp") if server == "lean" else ("hub",):
+                port, admin_port = free_ports(2)
+                label = f"apitally-proxy ({server}, 1w, {'OTLP' if export == 'otlp' else export})"
+                p = start_apitally(
+                    ps, workdir / f"proxy-{server}-{export}", port, admin_port, plain_spec.port,
+                    proxy_cpus, server=server, name=label, sync_interval=None,
+                    export=exports[export],
+                )  # fmt: skip
+                started.append((p, label))
+                key = f"proxy:{server}" + ("" if export == "hub" else f"-{export}")
+                modes[key] = (p.pid, f"http://{HOST}:{port}", plain.pid, label)
         # The reference: what nginx costs in front of the same app at the same pace (the
         # low-load costs, wake-ups and context switches, are the kernel's for any proxy).
         ng_port = free_ports(1)[0]
@@ -1251,12 +1274,14 @@ def inprocess_phase(
                 + ", ".join(f"{m} {row[m]['cpu_us_per_req']:.1f} µs/req" for m in names),
                 flush=True,
             )
-        with contextlib.suppress(Exception):
-            loop.run(otlp.stop(), timeout=10)
-            loop.run(hub.stop(), timeout=10)
     finally:
         for p, name in reversed(started):
             ps.close(p, name)
+        # After the processes: a proxy still running would log its failed final sync.
+        for fake in (otlp, hub):
+            if fake is not None:
+                with contextlib.suppress(Exception):
+                    loop.run(fake.stop(), timeout=10)
         loop.close()
     return summarize_inprocess(rounds, modes, skipped, args, bip.PATH, v1)
 
