@@ -7,8 +7,10 @@ import asyncio
 import signal
 
 import aiohttp
+import psutil
 
 from apitally_proxy.metering.histograms import bucket_index
+from apitally_proxy.otlp.codec import OtlpCodec
 from tests.conftest import CLIENT_ID
 from tests.support.fake_otlp import TOKEN, get, otlp_env
 
@@ -253,3 +255,16 @@ async def test_402_on_traces_drops_that_export_and_metrics_still_flow(
     assert await proxy.stop() == 0
     assert len(otlp.spans()) == 1  # the first export was refused for quota and dropped
     assert otlp.request_counts() == {("GET", "/items/{id}", 200, None): 2}
+
+
+def test_cpu_utilization_is_a_fraction_even_when_a_short_interval_overshoots():
+    # Over a few milliseconds (the final export just after the last) one clock tick of
+    # CPU time reads as more than every core: psutil's figure overshoots, ours does not.
+    class Overshooting(psutil.Process):
+        def cpu_percent(self, interval: float | None = None) -> float:
+            return 110.0 * (psutil.cpu_count() or 1)
+
+    codec = OtlpCodec({})
+    assert 0 <= codec._gauges()["process.cpu.utilization"][1] <= 1
+    codec._process = Overshooting()
+    assert codec._gauges()["process.cpu.utilization"] == ("1", 1.0)

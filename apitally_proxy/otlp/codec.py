@@ -137,7 +137,13 @@ class OtlpCodec:
         try:
             return {
                 "process.uptime": ("s", time.time() - self._created),
-                "process.cpu.utilization": ("1", self._process.cpu_percent() / 100 / self._cpus),
+                # A fraction of the machine. Over a short interval (the final export just
+                # after the last one) the clock-tick granularity of the CPU times can
+                # overshoot 1: reported as 1.
+                "process.cpu.utilization": (
+                    "1",
+                    min(self._process.cpu_percent() / 100 / self._cpus, 1.0),
+                ),
                 "process.memory.usage": ("By", self._process.memory_info().rss),
             }
         except psutil.Error:  # pragma: no cover - reading our own process
