@@ -31,71 +31,156 @@ def bucket_index(value: float) -> int:
     return math.floor(math.log(value) * _SCALE_FACTOR)
 
 
-class Histogram:
-    """One exponential histogram: count, sum, min, max, zero count and sparse buckets."""
+# The three histograms of a key: the request's duration in seconds, the request and
+# the response body size in bytes. Their buckets share one dict, keyed
+# `index << 2 | kind` (negative indexes too: `key >> 2` floors back to the index).
+DURATION, REQUEST_SIZE, RESPONSE_SIZE = 0, 1, 2
+_KINDS = ((DURATION, "duration"), (REQUEST_SIZE, "request_size"), (RESPONSE_SIZE, "response_size"))
+_KIND_BITS = 2
+_KIND_MASK = 3
 
-    __slots__ = ("buckets", "count", "max", "min", "sum", "zero_count")
+
+class _Stat:
+    """One histogram's count, sum, min, max and zero count.
+
+    While every value it saw is the same one (`spread` false: under hostile
+    cardinality most keys see one request, and many answers have one size), its
+    bucket follows from that value and is not in the point's dict; the first other
+    value puts the earlier ones there.
+    """
+
+    __slots__ = ("count", "max", "min", "spread", "sum", "zeros")
 
     def __init__(self) -> None:
-        self.count = 0
-        self.sum = 0.0
+        self.count = self.zeros = 0
+        self.sum = 0.0  # a float, as OTLP has it (sizes stay exact up to 2**53 bytes)
         self.min = math.inf
         self.max = -math.inf
-        self.zero_count = 0
-        self.buckets: dict[int, int] = {}
+        self.spread = False
 
-    def record(self, value: float) -> None:
+    def record(self, value: float, point: _Point, kind: int) -> None:
         self.count += 1
         self.sum += value
+        if self.count == 1:
+            self.min = self.max = value
+            if value == 0:
+                self.zeros = 1
+            return
+        if not self.spread:
+            if value == self.min:  # the same value again: its bucket is still implied
+                if value == 0:
+                    self.zeros += 1
+                return
+            point.spread(self, kind, self.count - 1)
         if value < self.min:
             self.min = value
-        if value > self.max:
+        elif value > self.max:
             self.max = value
         if value == 0:
-            self.zero_count += 1
+            self.zeros += 1
         else:
-            index = bucket_index(value)
-            self.buckets[index] = self.buckets.get(index, 0) + 1
+            point.add(kind, bucket_index(value), 1)
 
-    def merge(self, other: Histogram) -> None:
-        self.count += other.count
-        self.sum += other.sum
-        self.min = min(self.min, other.min)
-        self.max = max(self.max, other.max)
-        self.zero_count += other.zero_count
-        for index, n in other.buckets.items():
-            self.buckets[index] = self.buckets.get(index, 0) + n
 
-    def to_dict(self) -> dict[str, Any] | None:
-        """JSON-able form (dense buckets from `offset`), or None when nothing was recorded."""
-        if not self.count:
+class _Point:
+    """One key's three exponential histograms: a `_Stat` each (sizes only once one is
+    known) and their buckets in one dict, made when a first histogram has two values."""
+
+    __slots__ = ("buckets", "duration", "request_size", "response_size")
+
+    def __init__(self) -> None:
+        self.duration = _Stat()
+        self.request_size: _Stat | None = None
+        self.response_size: _Stat | None = None
+        self.buckets: dict[int, int] | None = None
+
+    def record(self, duration: float, request_size: int | None, response_size: int | None) -> None:
+        self.duration.record(duration, self, DURATION)
+        if request_size is not None and request_size >= 0:
+            stat = self.request_size
+            if stat is None:
+                stat = self.request_size = _Stat()
+            stat.record(request_size, self, REQUEST_SIZE)
+        if response_size is not None and response_size >= 0:
+            stat = self.response_size
+            if stat is None:
+                stat = self.response_size = _Stat()
+            stat.record(response_size, self, RESPONSE_SIZE)
+
+    def add(self, kind: int, index: int, n: int) -> None:
+        buckets = self.buckets
+        if buckets is None:
+            buckets = self.buckets = {}
+        key = index << _KIND_BITS | kind
+        buckets[key] = buckets.get(key, 0) + n
+
+    def spread(self, stat: _Stat, kind: int, n: int) -> None:
+        """`stat`'s `n` values so far, all one value, go into the dict as its bucket."""
+        stat.spread = True
+        if n and stat.min != 0:  # zeros are counted apart
+            self.add(kind, bucket_index(stat.min), n)
+
+    def counts(self, stat: _Stat, kind: int) -> dict[int, int]:
+        """`stat`'s buckets: index -> count."""
+        if not stat.spread:
+            n = stat.count - stat.zeros
+            return {bucket_index(stat.min): n} if n else {}
+        return {
+            key >> _KIND_BITS: n
+            for key, n in (self.buckets or {}).items()
+            if key & _KIND_MASK == kind
+        }
+
+    def merge(self, other: _Point) -> None:
+        for kind, name in _KINDS:
+            theirs: _Stat | None = getattr(other, name)
+            if theirs is None:
+                continue
+            mine: _Stat | None = getattr(self, name)
+            if mine is None:
+                mine = _Stat()
+                setattr(self, name, mine)
+            if theirs.count == 0:
+                continue
+            counts = other.counts(theirs, kind)
+            if mine.count and not mine.spread and not theirs.spread and theirs.min == mine.min:
+                # One value on both sides, the same one: still one implied bucket.
+                mine.count += theirs.count
+                mine.sum += theirs.sum
+                mine.zeros += theirs.zeros
+                continue
+            if not mine.spread:
+                self.spread(mine, kind, mine.count)
+            mine.count += theirs.count
+            mine.sum += theirs.sum
+            mine.zeros += theirs.zeros
+            mine.min = min(mine.min, theirs.min)
+            mine.max = max(mine.max, theirs.max)
+            for index, n in counts.items():
+                self.add(kind, index, n)
+
+    def histogram(self, stat: _Stat | None, kind: int) -> dict[str, Any] | None:
+        """One histogram, JSON-able (dense buckets from `offset`); None when empty."""
+        if stat is None or not stat.count:
             return None
         out: dict[str, Any] = {
-            "count": self.count,
-            "sum": self.sum,
-            "min": self.min,
-            "max": self.max,
-            "zero_count": self.zero_count,
+            "count": stat.count,
+            "sum": stat.sum,
+            "min": stat.min,
+            "max": stat.max,
+            "zero_count": stat.zeros,
             "offset": 0,
             "buckets": [],
         }
-        if self.buckets:
-            offset = min(self.buckets)
-            dense = [0] * (max(self.buckets) - offset + 1)
-            for index, n in self.buckets.items():
+        counts = self.counts(stat, kind)
+        if counts:
+            offset = min(counts)
+            dense = [0] * (max(counts) - offset + 1)
+            for index, n in counts.items():
                 dense[index - offset] = n
             out["offset"] = offset
             out["buckets"] = dense
         return out
-
-
-class _Point:
-    __slots__ = ("duration", "request_size", "response_size")
-
-    def __init__(self) -> None:
-        self.duration = Histogram()
-        self.request_size = Histogram()
-        self.response_size = Histogram()
 
 
 class HistogramCounter(KeyedCounter[_Point]):
@@ -105,9 +190,7 @@ class HistogramCounter(KeyedCounter[_Point]):
         return _Point()
 
     def _merge(self, into: _Point, other: _Point) -> None:
-        into.duration.merge(other.duration)
-        into.request_size.merge(other.request_size)
-        into.response_size.merge(other.response_size)
+        into.merge(other)
 
     def _observe(
         self,
@@ -116,11 +199,7 @@ class HistogramCounter(KeyedCounter[_Point]):
         request_size: int | None,
         response_size: int | None,
     ) -> None:
-        agg.duration.record(response_time if response_time > 0 else 0.0)
-        if request_size is not None and request_size >= 0:
-            agg.request_size.record(request_size)
-        if response_size is not None and response_size >= 0:
-            agg.response_size.record(response_size)
+        agg.record(response_time if response_time > 0 else 0.0, request_size, response_size)
 
     def peek_requests(self) -> list[dict[str, Any]]:
         """The rows so far, leaving the counter as it is (for checkpoints)."""
@@ -138,9 +217,9 @@ class HistogramCounter(KeyedCounter[_Point]):
                 "method": method,
                 "path": path,
                 "status_code": status,
-                "duration": p.duration.to_dict(),
-                "request_size": p.request_size.to_dict(),
-                "response_size": p.response_size.to_dict(),
+                "duration": p.histogram(p.duration, DURATION),
+                "request_size": p.histogram(p.request_size, REQUEST_SIZE),
+                "response_size": p.histogram(p.response_size, RESPONSE_SIZE),
             }
             for (consumer, method, path, status), p in points.items()
         ]
