@@ -163,24 +163,29 @@ class _Point:
         """One histogram, JSON-able (dense buckets from `offset`); None when empty."""
         if stat is None or not stat.count:
             return None
-        out: dict[str, Any] = {
+        offset = 0
+        dense: list[int] = []
+        if not stat.spread:  # one value: one bucket, unless it is zero
+            n = stat.count - stat.zeros
+            if n:
+                offset = bucket_index(stat.min)
+                dense = [n]
+        else:
+            counts = self.counts(stat, kind)
+            if counts:
+                offset = min(counts)
+                dense = [0] * (max(counts) - offset + 1)
+                for index, n in counts.items():
+                    dense[index - offset] = n
+        return {
             "count": stat.count,
             "sum": stat.sum,
             "min": stat.min,
             "max": stat.max,
             "zero_count": stat.zeros,
-            "offset": 0,
-            "buckets": [],
+            "offset": offset,
+            "buckets": dense,
         }
-        counts = self.counts(stat, kind)
-        if counts:
-            offset = min(counts)
-            dense = [0] * (max(counts) - offset + 1)
-            for index, n in counts.items():
-                dense[index - offset] = n
-            out["offset"] = offset
-            out["buckets"] = dense
-        return out
 
 
 class HistogramCounter(KeyedCounter[_Point]):
