@@ -3,7 +3,7 @@
 
     .venv/bin/python bench/run.py [--duration S] [--rounds N] [--server lean,aiohttp]
                                   [--workers 1,2] [--requests-for-memory N] [--no-inprocess]
-                                  [--memory-sync-interval S]
+                                  [--memory-sync-interval S] [--memory-export local|otlp]
 
 One run, four phases (free ports, temp dirs, every process stopped by its PID at the end):
 
@@ -25,7 +25,8 @@ One run, four phases (free ports, temp dirs, every process stopped by its PID at
                and consumer cardinality, and 2.5 s later. It syncs every
                --memory-sync-interval seconds (default 1, what every earlier run used;
                10 is the proxy's own default for its first hour, when each interval,
-               and each sync payload, holds ten times the rows).
+               and each sync payload, holds ten times the rows), in local mode or
+               (--memory-export otlp) exporting to a fake OTLP receiver.
   4. report    a Markdown block (paste as is into docs/performance.md) on stdout, and
                bench/results/latest.json. Every ratio is taken per round, then the
                median of the rounds is reported.
@@ -1388,18 +1389,34 @@ def memory_phase(
     client_cpus: list[int] | None,
 ) -> dict[str, Any]:
     server, workers = args.memory_server, args.memory_workers
-    label = f"apitally-proxy ({server}, {workers}w)"
+    otlp_mode = args.memory_export == "otlp"
+    label = f"apitally-proxy ({server}, {workers}w{', OTLP' if otlp_mode else ''})"
     workdir = tmp / "memory"
     workdir.mkdir()
     script = workdir / "memory.lua"
     script.write_text(WRK_MEMORY_LUA)
     port, admin_port = free_ports(2)
     admin = f"http://{HOST}:{admin_port}"
-    p = start_apitally(
-        ps, workdir, port, admin_port, upstream_port, proxy_cpus,
-        workers=workers, server=server, name=f"{label} memory",
-        sync_interval=args.memory_sync_interval,
-    )  # fmt: skip
+    loop = receiver = None
+    export = None
+    if otlp_mode:
+        if str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))
+        from tests.support.fake_otlp import FakeOtlp
+
+        loop = _LoopThread()
+        receiver = loop.run(FakeOtlp().start())
+        export = {"APITALLY_WRITE_TOKEN": "apt_" + "d" * 24, "APITALLY_OTLP_ENDPOINT": receiver.url}
+    try:
+        p = start_apitally(
+            ps, workdir, port, admin_port, upstream_port, proxy_cpus,
+            workers=workers, server=server, name=f"{label} memory",
+            sync_interval=args.memory_sync_interval, export=export,
+        )  # fmt: skip
+    except BaseException:
+        if loop is not None:
+            loop.close()
+        raise
     try:
         procs = worker_procs(p.pid, workers)
         time.sleep(1.5)  # let the first sync cycle run
@@ -1435,6 +1452,11 @@ def memory_phase(
         per_worker_requests = _per_worker_requests(workdir / "state", status.get("requests_total"))
     finally:
         ps.close(p, f"{label} memory")
+        if loop is not None:
+            if receiver is not None:
+                with contextlib.suppress(Exception):
+                    loop.run(receiver.stop(), timeout=10)
+            loop.close()
     rest, end = snaps[0]["rss_mb"], snaps[-2]["rss_mb"]
     mid = min(snaps[1:-1], key=lambda s: abs(s["requests"] - sent / 2))["rss_mb"]
     growth = {
@@ -1448,6 +1470,7 @@ def memory_phase(
     return {
         "target": label,
         "sync_interval_s": args.memory_sync_interval,
+        "export": args.memory_export,
         "requests_target": n,
         "requests_sent": sent,
         "reached_target": reached,
@@ -1764,6 +1787,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=1.0,
         help="the memory run's --sync-interval, seconds (default 1; the proxy's own "
         "default is 10 for the first hour)",
+    )
+    add(
+        "--memory-export",
+        choices=("local", "otlp"),
+        default="local",
+        help="the memory run's mode: local (default) or OTLP export to a fake receiver",
     )
     add("--no-pin", action="store_true", help="no CPU pinning (proxies / wrk+upstream)")
     add("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results path")
