@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 
@@ -91,3 +92,34 @@ def test_one_request_a_key_holds_no_bucket_dict():
     assert all(p.buckets is None and p.request_size is None for p in points)
     rows = counter.get_and_reset_requests()
     assert rows[0]["duration"]["buckets"] == [1] and rows[0]["request_size"] is None
+
+
+def _filled(keys: int) -> HistogramCounter:
+    counter = HistogramCounter(max_consumers=keys)
+    for i in range(keys):
+        counter.add_request(f"c{i}", "GET", "/items/{id}", 200, 0.001 * (i % 7), None, i % 3)
+    return counter
+
+
+def test_taken_rows_are_built_when_read_and_are_the_rows():
+    want = _filled(600).get_and_reset_requests()
+    counter = _filled(600)
+    deferred = counter.take_deferred()
+    assert len(counter) == 0  # taken: the counter started a new interval
+    assert len(deferred) == 600
+    assert deferred[10:20] == want[10:20] and deferred[599] == want[599]
+    assert list(deferred) == want
+
+
+async def test_live_rows_are_built_on_the_loop_a_chunk_at_a_time():
+    counter = _filled(1000)
+    want = counter.peek_requests()
+    deferred = counter.peek_deferred()
+    with pytest.raises(RuntimeError):
+        deferred[0:10]  # live keys change under a reader in another thread
+    ran: list[int] = []
+    asyncio.get_running_loop().call_soon(lambda: ran.append(len(ran)))
+    await deferred.build()
+    assert ran == [0]  # the loop ran other callbacks while the rows were being built
+    assert deferred[:] == want
+    assert len(counter) == 1000  # a peek leaves the interval as it is

@@ -10,8 +10,10 @@ exact powers of two close the bucket below them, zeros are counted apart.
 
 from __future__ import annotations
 
+import asyncio
 import math
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, overload
 
 from apitally_proxy.metering.requests import KeyedCounter, RequestKey
 
@@ -208,23 +210,82 @@ class HistogramCounter(KeyedCounter[_Point]):
 
     def peek_requests(self) -> list[dict[str, Any]]:
         """The rows so far, leaving the counter as it is (for checkpoints)."""
-        return self._rows(self._aggregates)
+        return [_row(key, p) for key, p in self._aggregates.items()]
 
     def get_and_reset_requests(self) -> list[dict[str, Any]]:
         """The rows of the interval; the counter starts empty again."""
-        return self._rows(self._take())
+        return [_row(key, p) for key, p in self._take().items()]
 
-    @staticmethod
-    def _rows(points: dict[RequestKey, _Point]) -> list[dict[str, Any]]:
-        return [
-            {
-                "consumer": consumer,
-                "method": method,
-                "path": path,
-                "status_code": status,
-                "duration": p.histogram(p.duration, DURATION),
-                "request_size": p.histogram(p.request_size, REQUEST_SIZE),
-                "response_size": p.histogram(p.response_size, RESPONSE_SIZE),
-            }
-            for (consumer, method, path, status), p in points.items()
-        ]
+    def peek_deferred(self) -> DeferredRows:
+        """The keys so far, their rows to be built on the loop (`DeferredRows.build`)."""
+        return DeferredRows(list(self._aggregates.items()))
+
+    def take_deferred(self) -> DeferredRows:
+        """The interval's keys, their rows built when read; the counter starts empty."""
+        return DeferredRows(self._take())
+
+
+def _row(key: RequestKey, p: _Point) -> dict[str, Any]:
+    consumer, method, path, status = key
+    return {
+        "consumer": consumer,
+        "method": method,
+        "path": path,
+        "status_code": status,
+        "duration": p.histogram(p.duration, DURATION),
+        "request_size": p.histogram(p.request_size, REQUEST_SIZE),
+        "response_size": p.histogram(p.response_size, RESPONSE_SIZE),
+    }
+
+
+class DeferredRows(Sequence[dict[str, Any]]):
+    """An interval's OTLP rows, built when read instead of all at once on the loop.
+
+    Taken keys (`live` false) belong to nobody else: their rows are built where they
+    are read, in the thread that encodes the exports. Live keys (a checkpoint of the
+    open interval) change with every request, so `build()` makes their rows on the
+    loop first, a chunk at a time, yielding between chunks: tens of thousands of keys
+    no longer hold up requests for a fifth of a second.
+    """
+
+    CHUNK = 256
+
+    def __init__(self, keys: list[tuple[RequestKey, _Point]] | dict[RequestKey, _Point]) -> None:
+        """`keys`: a live counter's (key, point) pairs, or a taken counter's dict (listed
+        only when first read, off the loop too)."""
+        self._keys = keys
+        self._rows: list[dict[str, Any]] | None = None
+        self.live = isinstance(keys, list)
+
+    def _items(self) -> list[tuple[RequestKey, _Point]]:
+        keys = self._keys
+        if isinstance(keys, dict):
+            keys = self._keys = list(keys.items())
+        return keys
+
+    async def build(self) -> None:
+        rows: list[dict[str, Any]] = []
+        items = self._items()
+        for first in range(0, len(items), self.CHUNK):
+            rows += [_row(key, p) for key, p in items[first : first + self.CHUNK]]
+            await asyncio.sleep(0)
+        self._rows = rows
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    @overload
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[dict[str, Any]]: ...
+
+    def __getitem__(self, index: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
+        rows = self._rows
+        if rows is not None:
+            return rows[index]
+        if self.live:
+            raise RuntimeError("rows of live keys are read after build()")
+        if isinstance(index, slice):
+            return [_row(key, p) for key, p in self._items()[index]]
+        return _row(*self._items()[index])

@@ -202,7 +202,10 @@ class Meter:
                 "consumers": json_rows(self.consumers.iter_updated_consumers()),
             }
         return {
-            "requests": requests.peek_requests(),
+            # OTLP: rows built on the loop a chunk at a time (`DeferredRows.build`).
+            "requests": requests.peek_deferred()
+            if isinstance(requests, HistogramCounter)
+            else requests.peek_requests(),
             "validation_errors": self.validation_errors.peek_validation_errors(),
             "server_errors": [],
             "consumers": self.consumers.peek_updated_consumers(),
@@ -244,7 +247,10 @@ class Meter:
                 UNENCODABLE: problems[0],
             }
         return {
-            "requests": requests.get_and_reset_requests(),
+            # OTLP: rows built where the exports are encoded, off the loop.
+            "requests": requests.take_deferred()
+            if isinstance(requests, HistogramCounter)
+            else requests.get_and_reset_requests(),
             "validation_errors": self.validation_errors.get_and_reset_validation_errors(),
             "server_errors": [],
             "consumers": self.consumers.get_and_reset_updated_consumers(),
