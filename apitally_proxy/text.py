@@ -8,8 +8,9 @@ aggregate: one of them used to make a whole interval's payload unencodable.
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import orjson
@@ -118,21 +119,37 @@ def json_rows(
     `dumps_lenient` would have counted them in the whole list.
     """
     parts: list[bytes] = []
-    batch: list[Any] = []
     fixes = 0
-    for row in rows:
-        batch.append(row)
-        if len(batch) >= chunk:
-            body, n = _rows_body(batch)
-            parts.append(body)
-            fixes += n
-            batch = []
-    if batch:
-        body, n = _rows_body(batch)
+    for body, n in _chunk_bodies(rows, chunk):
         parts.append(body)
         fixes += n
     if problems is not None:
         problems[0] += fixes
+    return _json_array(parts)
+
+
+async def json_rows_yielding(rows: Iterable[Any], chunk: int = 256) -> list[Any] | orjson.Fragment:
+    """`json_rows`, letting the event loop run between chunks (`rows` must not iterate
+    a dict that changes meanwhile: take a list of its items first)."""
+    parts: list[bytes] = []
+    for body, _ in _chunk_bodies(rows, chunk):
+        parts.append(body)
+        await asyncio.sleep(0)
+    return _json_array(parts)
+
+
+def _chunk_bodies(rows: Iterable[Any], chunk: int) -> Iterator[tuple[bytes, int]]:
+    batch: list[Any] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) >= chunk:
+            yield _rows_body(batch)
+            batch = []
+    if batch:
+        yield _rows_body(batch)
+
+
+def _json_array(parts: list[bytes]) -> list[Any] | orjson.Fragment:
     if not parts:
         return []
     return orjson.Fragment(b"[" + b",".join(p for p in parts if p) + b"]")

@@ -134,9 +134,10 @@ def test_consumer_registry_is_bounded():
     assert len(reg.get_and_reset_updated_consumers()) == 10
 
 
-def test_a_serialized_peek_is_the_json_of_the_plain_one():
-    """Checkpoints encode the rows a chunk at a time (no dict per row): the same JSON,
-    across chunk boundaries, repairs included; the counters are left as they were."""
+async def test_a_serialized_peek_is_the_json_of_the_plain_one():
+    """Checkpoints encode the rows a chunk at a time (no dict per row), the request rows
+    on the loop when built: the same JSON, across chunk boundaries, repairs included;
+    the counters are left as they were."""
     import orjson
 
     from apitally_proxy.hub.payloads import sync_payload
@@ -155,11 +156,38 @@ def test_a_serialized_peek_is_the_json_of_the_plain_one():
     def encoded(aggregates: dict) -> dict:
         return orjson.loads(dumps_lenient(sync_payload("i", aggregates, None, "m"))[0])
 
-    plain, serialized = encoded(meter.peek()), encoded(meter.peek(serialized=True))
+    async def built(aggregates: dict) -> dict:
+        for key, value in aggregates.items():
+            if hasattr(value, "build"):
+                aggregates[key] = await value.build()
+        return aggregates
+
+    plain, serialized = encoded(meter.peek()), encoded(await built(meter.peek(serialized=True)))
     plain.pop("timestamp"), serialized.pop("timestamp")
     assert serialized == plain
     assert len(plain["requests"]) == 701 and len(plain["validation_errors"]) == 1
-    assert encoded(meter.peek(serialized=True))["requests"] == plain["requests"]
-    assert len(meter.get_and_reset()["requests"]) == 701
-    empty = meter.peek(serialized=True)
+    live = meter.peek(serialized=True)
+    meter.requests.add_request("late", "GET", "/p/0", 200, 0.1)  # after the keys were listed
+    assert encoded(await built(live))["requests"] == plain["requests"]
+    assert len(meter.get_and_reset()["requests"]) == 702
+    empty = await built(meter.peek(serialized=True))
     assert empty["requests"] == [] and empty["validation_errors"] == []
+
+
+async def test_a_checkpoints_request_rows_are_made_on_the_loop_a_chunk_at_a_time():
+    import asyncio
+
+    import orjson
+
+    from apitally_proxy.metering.meter import Meter
+    from apitally_proxy.routes import RouteResolver
+
+    meter = Meter(RouteResolver())
+    for i in range(1000):
+        meter.requests.add_request(f"c{i}", "GET", "/p", 200, 0.01)
+    live = meter.peek(serialized=True)["requests"]
+    ran: list[str] = []
+    asyncio.get_running_loop().call_soon(ran.append, "a request")
+    rows = await live.build()
+    assert ran == ["a request"]  # the loop ran in between chunks
+    assert len(orjson.loads(orjson.dumps(rows))) == 1000

@@ -236,9 +236,10 @@ class HubSync:
             aggregates = self._source.peek(serialized=self._serialized_rows)
             if not any(aggregates[k] for k in AGGREGATE_KEYS):
                 return
-            build = getattr(aggregates["requests"], "build", None)
-            if build is not None:  # rows of live keys, made on the loop between requests
-                await build()
+            for key, value in aggregates.items():
+                build = getattr(value, "build", None)
+                if build is not None:  # rows of live keys, made on the loop between requests
+                    aggregates[key] = await build()
             mu = self._next_message_uuid
             payloads = await self._io(
                 self._codec.interval, aggregates, mu, self._interval_start_ns, time.time_ns(), False

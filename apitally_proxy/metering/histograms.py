@@ -263,13 +263,14 @@ class DeferredRows(Sequence[dict[str, Any]]):
             keys = self._keys = list(keys.items())
         return keys
 
-    async def build(self) -> None:
+    async def build(self) -> DeferredRows:
         rows: list[dict[str, Any]] = []
         items = self._items()
         for first in range(0, len(items), self.CHUNK):
             rows += [_row(key, p) for key, p in items[first : first + self.CHUNK]]
             await asyncio.sleep(0)
         self._rows = rows
+        return self
 
     def __len__(self) -> int:
         return len(self._keys)

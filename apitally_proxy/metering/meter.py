@@ -191,12 +191,17 @@ class Meter:
         instead of a dict per row. Under hostile cardinality a checkpoint has as many
         rows as the interval has keys, rebuilt every second: as dicts they doubled the
         interval's memory at each checkpoint, and left the arenas they were made in
-        fragmented. Run to the end without yielding to the event loop.
+        fragmented.
+
+        The request rows, as many as the interval has keys, come unmade: a value with
+        an async `build()` that makes them on the loop a chunk at a time, yielding
+        between chunks (`LiveRows` as JSON for the hub, `DeferredRows` for OTLP),
+        returning what goes in their place.
         """
         requests = self.requests
         if serialized and isinstance(requests, RequestCounter):
             return {
-                "requests": json_rows(requests.iter_requests()),
+                "requests": requests.live_requests(),  # encoded by its build()
                 "validation_errors": json_rows(self.validation_errors.iter_validation_errors()),
                 "server_errors": [],
                 "consumers": json_rows(self.consumers.iter_updated_consumers()),
