@@ -128,13 +128,19 @@ def json_rows(
     return _json_array(parts)
 
 
-async def json_rows_yielding(rows: Iterable[Any], chunk: int = 256) -> list[Any] | orjson.Fragment:
+async def json_rows_yielding(
+    rows: Iterable[Any], chunk: int = 256, problems: list[int] | None = None
+) -> list[Any] | orjson.Fragment:
     """`json_rows`, letting the event loop run between chunks (`rows` must not iterate
     a dict that changes meanwhile: take a list of its items first)."""
     parts: list[bytes] = []
-    for body, _ in _chunk_bodies(rows, chunk):
+    fixes = 0
+    for body, n in _chunk_bodies(rows, chunk):
         parts.append(body)
+        fixes += n
         await asyncio.sleep(0)
+    if problems is not None:
+        problems[0] += fixes
     return _json_array(parts)
 
 

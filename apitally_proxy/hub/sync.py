@@ -236,10 +236,7 @@ class HubSync:
             aggregates = self._source.peek(serialized=self._serialized_rows)
             if not any(aggregates[k] for k in AGGREGATE_KEYS):
                 return
-            for key, value in aggregates.items():
-                build = getattr(value, "build", None)
-                if build is not None:  # rows of live keys, made on the loop between requests
-                    aggregates[key] = await build()
+            await _build(aggregates)
             mu = self._next_message_uuid
             payloads = await self._io(
                 self._codec.interval, aggregates, mu, self._interval_start_ns, time.time_ns(), False
@@ -252,15 +249,17 @@ class HubSync:
         """Turn the open interval into durable payloads and start a new interval."""
         async with self._state_lock:
             # Pre-serialized rows where the codec allows (the hub's): built row by row
-            # straight from the counters, on the loop, with no dict per row of the interval.
+            # straight from the counters, with no dict per row of the interval.
             aggregates = self._source.get_and_reset(serialized=self._serialized_rows)
-            unencodable = aggregates.pop(UNENCODABLE, 0)
+            problems = [aggregates.pop(UNENCODABLE, 0)]
             start_ns, end_ns = self._interval_start_ns, time.time_ns()
             self._interval_start_ns = end_ns
             mu = self._next_message_uuid
             self._next_message_uuid = str(uuid.uuid4())
             if self.stopped:
                 return
+            await _build(aggregates, problems)  # requests go on into the next interval
+            unencodable = problems[0]
             payloads = await self._io(self._codec.interval, aggregates, mu, start_ns, end_ns)
             del aggregates  # the rows live on in the payloads only until they are spooled
             unspooled = await self._io(self._spool_payloads, payloads, unencodable)
@@ -392,3 +391,12 @@ class HubSync:
         self.stopped = True
         self._startup_pending = None
         self._unspooled.clear()
+
+
+async def _build(aggregates: dict[str, Any], problems: list[int] | None = None) -> None:
+    """Values that come unmade (an interval's request rows, `Meter.peek`) are made here,
+    on the loop, a chunk at a time with requests let through in between."""
+    for key, value in aggregates.items():
+        build = getattr(value, "build", None)
+        if build is not None:
+            aggregates[key] = await build(problems)

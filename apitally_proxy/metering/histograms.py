@@ -263,7 +263,10 @@ class DeferredRows(Sequence[dict[str, Any]]):
             keys = self._keys = list(keys.items())
         return keys
 
-    async def build(self) -> DeferredRows:
+    async def build(self, problems: list[int] | None = None) -> DeferredRows:
+        """Make the rows of live keys on the loop (taken keys: nothing to do here)."""
+        if not self.live:
+            return self
         rows: list[dict[str, Any]] = []
         items = self._items()
         for first in range(0, len(items), self.CHUNK):

@@ -220,11 +220,14 @@ class Meter:
         """The aggregate part of a sync payload; the meter starts a new interval.
 
         `serialized` (the hub's syncs, read only as JSON): the rows come as
-        pre-serialized JSON arrays, as `peek(serialized=True)` makes them, and the
-        key `UNENCODABLE` says how many values in them had to be repaired or dropped
-        (for the spool to count and report; it is no part of the payload). A sync
-        built a dict per row of the interval, then the spool encoded them: under
-        hostile cardinality with 10 s syncs, tens of thousands of dicts at once.
+        pre-serialized JSON arrays, as `peek(serialized=True)` makes them (the request
+        rows unmade, a `LiveRows` whose `build(problems)` makes them on the loop a
+        chunk at a time), and the key `UNENCODABLE` says how many values in the others
+        had to be repaired or dropped (for the spool to count and report; it is no
+        part of the payload). A sync built a dict per row of the interval, then the
+        spool encoded them: under hostile cardinality with 10 s syncs, tens of
+        thousands of dicts at once. OTLP: the request rows are a `DeferredRows`, made
+        where the exports are encoded.
         """
         renames = self.resolver.take_renames()
         if renames:  # positions learned during the interval: its early keys join them
@@ -243,7 +246,8 @@ class Meter:
         if serialized and isinstance(requests, RequestCounter):
             problems = [0]
             return {
-                "requests": json_rows(requests.take_requests(), problems=problems),
+                # Encoded by its build(), which counts its own problems.
+                "requests": requests.take_live(),
                 "validation_errors": json_rows(
                     self.validation_errors.take_validation_errors(), problems=problems
                 ),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any, Generic, TypeVar
 
 import orjson
@@ -156,11 +155,10 @@ class RequestCounter(KeyedCounter[_Aggregate]):
         """The rows so far, for a checkpoint: encoded when `LiveRows.build` is awaited."""
         return LiveRows(list(self._aggregates.items()))
 
-    def take_requests(self) -> Iterator[dict[str, Any]]:
-        """The interval's rows, one at a time; the counter starts empty again now (for a
-        sync payload serialized as it goes)."""
-        aggregates = self._take()
-        return (row(key, agg) for key, agg in aggregates.items())
+    def take_live(self) -> LiveRows:
+        """The interval's rows, for a sync payload: encoded when `LiveRows.build` is
+        awaited; the counter starts empty again now."""
+        return LiveRows(list(self._take().items()))
 
     @staticmethod
     def _rows(aggregates: dict[RequestKey, _Aggregate]) -> list[dict[str, Any]]:
@@ -188,10 +186,11 @@ def row(key: RequestKey, agg: _Aggregate) -> dict[str, Any]:
 
 
 class LiveRows:
-    """The open interval's `requests` rows for a checkpoint, as one pre-serialized JSON
-    array made by `build()` on the loop, a chunk at a time, letting requests through
-    between chunks: tens of thousands of keys no longer stop the loop for 150 ms.
-    The keys are listed when taken; each row reads its aggregate as it is then."""
+    """An interval's `requests` rows (a checkpoint's or a sync's), as one pre-serialized
+    JSON array made by `build()` on the loop, a chunk at a time, letting requests
+    through between chunks: tens of thousands of keys no longer stop the loop for
+    50-150 ms. The keys are listed when taken; each row reads its aggregate as it is
+    then (an open interval's go on counting meanwhile)."""
 
     def __init__(self, items: list[tuple[RequestKey, _Aggregate]]) -> None:
         self._items = items
@@ -199,5 +198,8 @@ class LiveRows:
     def __len__(self) -> int:
         return len(self._items)
 
-    async def build(self) -> list[Any] | orjson.Fragment:
-        return await json_rows_yielding(row(key, agg) for key, agg in self._items)
+    async def build(self, problems: list[int] | None = None) -> list[Any] | orjson.Fragment:
+        """The rows' JSON; `problems[0]` grows by the values repaired or dropped."""
+        return await json_rows_yielding(
+            (row(key, agg) for key, agg in self._items), problems=problems
+        )
