@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 import orjson
@@ -129,16 +129,20 @@ def json_rows(
 
 
 async def json_rows_yielding(
-    rows: Iterable[Any], chunk: int = 256, problems: list[int] | None = None
+    rows: Iterable[Any],
+    chunk: int = 256,
+    problems: list[int] | None = None,
+    pause: Callable[[], Awaitable[None]] | None = None,
 ) -> list[Any] | orjson.Fragment:
-    """`json_rows`, letting the event loop run between chunks (`rows` must not iterate
-    a dict that changes meanwhile: take a list of its items first)."""
+    """`json_rows`, letting the event loop run between chunks (`pause`, by default
+    `asyncio.sleep(0)`). `rows` must not iterate a dict that changes meanwhile: take
+    a list of its items first."""
     parts: list[bytes] = []
     fixes = 0
     for body, n in _chunk_bodies(rows, chunk):
         parts.append(body)
         fixes += n
-        await asyncio.sleep(0)
+        await (pause() if pause is not None else asyncio.sleep(0))
     if problems is not None:
         problems[0] += fixes
     return _json_array(parts)

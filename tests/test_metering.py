@@ -176,9 +176,11 @@ async def test_a_serialized_peek_is_the_json_of_the_plain_one():
 
 async def test_a_checkpoints_request_rows_are_made_on_the_loop_a_chunk_at_a_time():
     import asyncio
+    import time
 
     import orjson
 
+    from apitally_proxy.aio import Pause
     from apitally_proxy.metering.meter import Meter
     from apitally_proxy.routes import RouteResolver
 
@@ -187,7 +189,11 @@ async def test_a_checkpoints_request_rows_are_made_on_the_loop_a_chunk_at_a_time
         meter.requests.add_request(f"c{i}", "GET", "/p", 200, 0.01)
     live = meter.peek(serialized=True)["requests"]
     ran: list[str] = []
-    asyncio.get_running_loop().call_soon(ran.append, "a request")
-    rows = await live.build()
+    loop = asyncio.get_running_loop()
+    loop.call_soon(ran.append, "a request")
+    loop.call_soon(time.sleep, 0.05)  # a request that takes 50 ms meanwhile
+    pause = Pause()
+    rows = await live.build(None, pause)
     assert ran == ["a request"]  # the loop ran in between chunks
+    assert pause.away >= 0.05  # and that time is not the checkpoint's own cost
     assert len(orjson.loads(orjson.dumps(rows))) == 1000

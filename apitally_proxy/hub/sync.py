@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
-from apitally_proxy.aio import Background, cancel_and_wait, wait_or_hurry
+from apitally_proxy.aio import Background, Pause, cancel_and_wait, wait_or_hurry
 from apitally_proxy.hub.spool import Encoded, Spool
 from apitally_proxy.hub.transport import Outcome, Transport
 from apitally_proxy.text import UNENCODABLE
@@ -187,13 +187,16 @@ class HubSync:
         while True:
             await asyncio.sleep(pause)
             started = time.perf_counter()
+            away = Pause()
             try:
-                await self.checkpoint_once()
+                await self.checkpoint_once(away)
             except Exception:
                 log.exception("checkpoint failed")
             # Snapshotting runs on the event loop: when hostile cardinality makes it
             # expensive, checkpoint less often so it never takes over 5% of the loop.
-            pause = max(self._checkpoint_interval, 20 * (time.perf_counter() - started))
+            # Its cost leaves out the requests served while it let the loop through.
+            cost = time.perf_counter() - started - away.away
+            pause = max(self._checkpoint_interval, 20 * cost)
 
     async def stop(
         self, final_sync_timeout: float = 10.0, hurry: asyncio.Event | None = None
@@ -226,8 +229,9 @@ class HubSync:
             )
         await self.transport.close()
 
-    async def checkpoint_once(self) -> None:
-        """Write the open interval's aggregates to disk (skipped while empty)."""
+    async def checkpoint_once(self, pause: Pause | None = None) -> None:
+        """Write the open interval's aggregates to disk (skipped while empty); `pause`
+        gives the loop its turn while the rows are made, and counts the time away."""
         async with self._state_lock:
             recorded = self._source.recorded
             if self.stopped or recorded == self._checkpointed_at:
@@ -236,7 +240,7 @@ class HubSync:
             aggregates = self._source.peek(serialized=self._serialized_rows)
             if not any(aggregates[k] for k in AGGREGATE_KEYS):
                 return
-            await _build(aggregates)
+            await _build(aggregates, pause=pause)
             mu = self._next_message_uuid
             payloads = await self._io(
                 self._codec.interval, aggregates, mu, self._interval_start_ns, time.time_ns(), False
@@ -393,10 +397,12 @@ class HubSync:
         self._unspooled.clear()
 
 
-async def _build(aggregates: dict[str, Any], problems: list[int] | None = None) -> None:
+async def _build(
+    aggregates: dict[str, Any], problems: list[int] | None = None, pause: Pause | None = None
+) -> None:
     """Values that come unmade (an interval's request rows, `Meter.peek`) are made here,
     on the loop, a chunk at a time with requests let through in between."""
     for key, value in aggregates.items():
         build = getattr(value, "build", None)
         if build is not None:
-            aggregates[key] = await build(problems)
+            aggregates[key] = await build(problems, pause)

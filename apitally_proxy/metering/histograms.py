@@ -15,6 +15,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, overload
 
+from apitally_proxy.aio import Pause
 from apitally_proxy.metering.requests import KeyedCounter, RequestKey
 
 SCALE = 3
@@ -263,15 +264,18 @@ class DeferredRows(Sequence[dict[str, Any]]):
             keys = self._keys = list(keys.items())
         return keys
 
-    async def build(self, problems: list[int] | None = None) -> DeferredRows:
-        """Make the rows of live keys on the loop (taken keys: nothing to do here)."""
+    async def build(
+        self, problems: list[int] | None = None, pause: Pause | None = None
+    ) -> DeferredRows:
+        """Make the rows of live keys on the loop (taken keys: nothing to do here),
+        giving it its turn between chunks (`pause`, by default `asyncio.sleep(0)`)."""
         if not self.live:
             return self
         rows: list[dict[str, Any]] = []
         items = self._items()
         for first in range(0, len(items), self.CHUNK):
             rows += [_row(key, p) for key, p in items[first : first + self.CHUNK]]
-            await asyncio.sleep(0)
+            await (pause() if pause is not None else asyncio.sleep(0))
         self._rows = rows
         return self
 

@@ -7,6 +7,7 @@ from typing import Any, Generic, TypeVar
 
 import orjson
 
+from apitally_proxy.aio import Pause
 from apitally_proxy.text import json_rows_yielding
 
 RequestKey = tuple[str | None, str, str, int]
@@ -198,8 +199,10 @@ class LiveRows:
     def __len__(self) -> int:
         return len(self._items)
 
-    async def build(self, problems: list[int] | None = None) -> list[Any] | orjson.Fragment:
+    async def build(
+        self, problems: list[int] | None = None, pause: Pause | None = None
+    ) -> list[Any] | orjson.Fragment:
         """The rows' JSON; `problems[0]` grows by the values repaired or dropped."""
         return await json_rows_yielding(
-            (row(key, agg) for key, agg in self._items), problems=problems
+            (row(key, agg) for key, agg in self._items), problems=problems, pause=pause
         )
