@@ -209,20 +209,13 @@ class HistogramCounter(KeyedCounter[_Point]):
     ) -> None:
         agg.record(response_time if response_time > 0 else 0.0, request_size, response_size)
 
-    def peek_requests(self) -> list[dict[str, Any]]:
-        """The rows so far, leaving the counter as it is (for checkpoints)."""
-        return [_row(key, p) for key, p in self._aggregates.items()]
-
-    def get_and_reset_requests(self) -> list[dict[str, Any]]:
-        """The rows of the interval; the counter starts empty again."""
-        return [_row(key, p) for key, p in self._take().items()]
-
-    def peek_deferred(self) -> DeferredRows:
-        """The keys so far, their rows to be built on the loop (`DeferredRows.build`)."""
+    def peek_requests(self) -> DeferredRows:
+        """The rows so far, leaving the counter as it is (for checkpoints): made on the
+        loop by `DeferredRows.build`."""
         return DeferredRows(list(self._aggregates.items()))
 
-    def take_deferred(self) -> DeferredRows:
-        """The interval's keys, their rows built when read; the counter starts empty."""
+    def get_and_reset_requests(self) -> DeferredRows:
+        """The rows of the interval, made when read; the counter starts empty again."""
         return DeferredRows(self._take())
 
 

@@ -208,9 +208,7 @@ class Meter:
             }
         return {
             # OTLP: rows built on the loop a chunk at a time (`DeferredRows.build`).
-            "requests": requests.peek_deferred()
-            if isinstance(requests, HistogramCounter)
-            else requests.peek_requests(),
+            "requests": requests.peek_requests(),
             "validation_errors": self.validation_errors.peek_validation_errors(),
             "server_errors": [],
             "consumers": self.consumers.peek_updated_consumers(),
@@ -257,9 +255,7 @@ class Meter:
             }
         return {
             # OTLP: rows built where the exports are encoded, off the loop.
-            "requests": requests.take_deferred()
-            if isinstance(requests, HistogramCounter)
-            else requests.get_and_reset_requests(),
+            "requests": requests.get_and_reset_requests(),
             "validation_errors": self.validation_errors.get_and_reset_validation_errors(),
             "server_errors": [],
             "consumers": self.consumers.get_and_reset_updated_consumers(),
