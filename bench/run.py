@@ -1120,6 +1120,28 @@ class _LoopThread:
         self.thread.join(timeout=5)
 
 
+class _Fakes:
+    """Fake hubs and OTLP receivers (tests.support), started in a loop thread of their
+    own; `started` holds them in order. `stop()` after the processes reporting to them
+    have stopped, or their final syncs log failures."""
+
+    def __init__(self, *fakes: Any) -> None:
+        self._loop = _LoopThread()
+        self.started: list[Any] = []
+        try:
+            for fake in fakes:
+                self.started.append(self._loop.run(fake.start()))
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        for fake in reversed(self.started):
+            with contextlib.suppress(Exception):
+                self._loop.run(fake.stop(), timeout=10)
+        self._loop.close()
+
+
 def _venv1_apitally(python: Path) -> str | None:
     with contextlib.suppress(Exception):
         r = subprocess.run(
@@ -1157,15 +1179,11 @@ def inprocess_phase(
             f"{bip.VENV1.relative_to(ROOT)} missing or without apitally "
             "(scripts/test creates it from tests/requirements-apitally1.txt)"
         )
-    loop = _LoopThread()
     started: list[tuple[subprocess.Popen[Any], str]] = []
-    hub = otlp = None
+    fakes: _Fakes | None = None
     try:
-
-        async def fakes() -> tuple[Any, Any]:
-            return await bip.FakeHub().start(), await bip.FakeOtlp().start()
-
-        hub, otlp = loop.run(fakes())
+        fakes = _Fakes(bip.FakeHub(), bip.FakeOtlp())
+        hub, otlp = fakes.started
         # mode -> (pid measured, url driven, pid of the app behind it or None, label)
         modes: dict[str, tuple[int, str, int | None, str]] = {}
         plain_spec = bip.app_process(sys.executable, {})
@@ -1278,12 +1296,8 @@ def inprocess_phase(
     finally:
         for p, name in reversed(started):
             ps.close(p, name)
-        # After the processes: a proxy still running would log its failed final sync.
-        for fake in (otlp, hub):
-            if fake is not None:
-                with contextlib.suppress(Exception):
-                    loop.run(fake.stop(), timeout=10)
-        loop.close()
+        if fakes is not None:
+            fakes.stop()
     return summarize_inprocess(rounds, modes, skipped, args, bip.PATH, v1)
 
 
@@ -1397,27 +1411,25 @@ def memory_phase(
     script.write_text(WRK_MEMORY_LUA)
     port, admin_port = free_ports(2)
     admin = f"http://{HOST}:{admin_port}"
-    loop = receiver = None
-    export = None
-    if otlp_mode:
-        if str(ROOT) not in sys.path:
-            sys.path.insert(0, str(ROOT))
-        from tests.support.fake_otlp import FakeOtlp
-
-        loop = _LoopThread()
-        receiver = loop.run(FakeOtlp().start())
-        export = {"APITALLY_WRITE_TOKEN": "apt_" + "d" * 24, "APITALLY_OTLP_ENDPOINT": receiver.url}
+    fakes: _Fakes | None = None
+    p: subprocess.Popen[Any] | None = None
     try:
+        export = None
+        if otlp_mode:
+            if str(ROOT) not in sys.path:
+                sys.path.insert(0, str(ROOT))
+            from tests.support.fake_otlp import FakeOtlp
+
+            fakes = _Fakes(FakeOtlp())
+            export = {
+                "APITALLY_WRITE_TOKEN": "apt_" + "d" * 24,
+                "APITALLY_OTLP_ENDPOINT": fakes.started[0].url,
+            }
         p = start_apitally(
             ps, workdir, port, admin_port, upstream_port, proxy_cpus,
             workers=workers, server=server, name=f"{label} memory",
             sync_interval=args.memory_sync_interval, export=export,
         )  # fmt: skip
-    except BaseException:
-        if loop is not None:
-            loop.close()
-        raise
-    try:
         procs = worker_procs(p.pid, workers)
         time.sleep(1.5)  # let the first sync cycle run
         snaps = [_rss_snapshot(procs, "at rest", 0)]
@@ -1451,12 +1463,10 @@ def memory_phase(
         status = get_json(admin + "/status.json")
         per_worker_requests = _per_worker_requests(workdir / "state", status.get("requests_total"))
     finally:
-        ps.close(p, f"{label} memory")
-        if loop is not None:
-            if receiver is not None:
-                with contextlib.suppress(Exception):
-                    loop.run(receiver.stop(), timeout=10)
-            loop.close()
+        if p is not None:
+            ps.close(p, f"{label} memory")
+        if fakes is not None:
+            fakes.stop()
     rest, end = snaps[0]["rss_mb"], snaps[-2]["rss_mb"]
     mid = min(snaps[1:-1], key=lambda s: abs(s["requests"] - sent / 2))["rss_mb"]
     growth = {
